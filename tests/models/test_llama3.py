@@ -1,0 +1,141 @@
+"""Llama 3 model: causality, RoPE, GQA, FFN sizing, flavors and seeded meta-device init."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchtitan_like.models.llama3 import LLAMA3_FLAVORS, Transformer, get_flavor
+from torchtitan_like.models.llama3.model import apply_rope, repeat_kv, rope_cos_sin, rope_frequencies
+
+
+def tiny_args(**overrides):
+    args = get_flavor("debugmodel")
+    args.vocab_size, args.dim, args.n_layers, args.n_heads, args.n_kv_heads = 64, 64, 2, 4, 2
+    args.max_seq_len = 64
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def build(args, seed=0):
+    model = Transformer(args)
+    model.init_weights(seed)
+    return model
+
+
+def test_changing_a_future_token_changes_no_earlier_logit():
+    model = build(tiny_args())
+    tokens = torch.randint(0, 64, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    assert torch.equal(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_rope_matches_complex_multiplication_reference():
+    args = tiny_args(rope_scaling=None)
+    batch, seq, heads, head_dim = 2, 12, 3, args.head_dim
+    x = torch.randn(batch, seq, heads, head_dim, dtype=torch.float64)
+    freqs = rope_frequencies(args)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64), freqs)
+    rotation = torch.polar(torch.ones_like(angles), angles)  # exp(j * pos * freq)
+    as_complex = torch.view_as_complex(x.reshape(batch, seq, heads, head_dim // 2, 2).contiguous())
+    expected = torch.view_as_real(as_complex * rotation[None, :, None, :]).reshape_as(x)
+    got = apply_rope(x.float(), rope_cos_sin(args, seq)).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llama31_rope_scaling_slows_only_long_wavelengths():
+    base, scaled = get_flavor("8B"), get_flavor("8B")
+    base.rope_scaling = None
+    plain, stretched = rope_frequencies(base), rope_frequencies(scaled)
+    assert torch.equal(plain[:10], stretched[:10])  # high frequencies (short wavelengths) kept
+    torch.testing.assert_close(stretched[-1], plain[-1] / 8.0)  # the longest wavelengths slowed 8x
+
+
+def test_grouped_query_attention_equals_explicitly_repeated_kv_heads():
+    gqa_args = tiny_args(n_heads=4, n_kv_heads=2)
+    mha_args = tiny_args(n_heads=4, n_kv_heads=4)
+    gqa, mha = build(gqa_args), build(mha_args)
+    state = gqa.state_dict()
+    head_dim = gqa_args.head_dim
+    for layer in range(gqa_args.n_layers):
+        for name in ("wk", "wv"):
+            key = f"layers.{layer}.attention.{name}.weight"
+            weight = state[key].view(2, head_dim, -1)  # (kv_heads, head_dim, dim)
+            state[key] = weight.repeat_interleave(2, dim=0).reshape(4 * head_dim, -1)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(tokens), mha(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_repeat_kv_repeats_each_head_consecutively():
+    x = torch.randn(1, 3, 2, 4)
+    repeated = repeat_kv(x, 3)
+    assert repeated.shape == (1, 3, 6, 4)
+    assert torch.equal(repeated[:, :, 0], x[:, :, 0]) and torch.equal(repeated[:, :, 2], x[:, :, 0])
+    assert torch.equal(repeated[:, :, 3], x[:, :, 1])
+
+
+def test_meta_device_init_equals_direct_init():
+    args = tiny_args()
+    direct = build(args, seed=7)
+    with torch.device("meta"):
+        meta = Transformer(args)
+    meta.to_empty(device="cpu")
+    meta.init_weights(7)
+    for (name, a), (_, b) in zip(direct.state_dict().items(), meta.state_dict().items()):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(meta.rope_cache, direct.rope_cache)
+    other = build(args, seed=8)
+    assert not torch.equal(other.layers["0"].attention.wq.weight, direct.layers["0"].attention.wq.weight)
+
+
+def test_init_is_depth_scaled():
+    model = build(tiny_args(n_layers=4, dim=256, n_heads=4, n_kv_heads=2))
+    std_first = model.layers["0"].attention.wo.weight.std().item()
+    std_last = model.layers["3"].attention.wo.weight.std().item()
+    assert std_first == pytest.approx(0.02 / math.sqrt(2), rel=0.1)
+    assert std_last == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+
+
+@pytest.mark.parametrize("flavor,hidden", [("1B", 8192), ("3B", 8192), ("8B", 14336), ("70B", 28672), ("405B", 53248)])
+def test_ffn_width_follows_llama3_rule(flavor, hidden):
+    assert get_flavor(flavor).ffn_hidden_dim == hidden
+
+
+@pytest.mark.parametrize("flavor,billions", [("1B", 1.24), ("3B", 3.21), ("8B", 8.03), ("70B", 70.55), ("405B", 405.85)])
+def test_published_parameter_counts(flavor, billions):
+    args = get_flavor(flavor)
+    args.vocab_size = 128256
+    assert args.num_params() / 1e9 == pytest.approx(billions, rel=0.005)
+
+
+def test_parameter_count_formula_matches_module_and_tied_embeddings_share_storage():
+    args = tiny_args(tie_word_embeddings=True)
+    model = build(args)
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_gradients_flow_to_every_parameter():
+    model = build(tiny_args())
+    tokens = torch.randint(0, 64, (2, 8))
+    F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_all_flavors_build_on_meta():
+    for name in LLAMA3_FLAVORS:
+        args = get_flavor(name)
+        args.vocab_size = 128256
+        with torch.device("meta"):
+            model = Transformer(args)
+        assert sum(p.numel() for p in model.parameters()) == args.num_params()

@@ -1,0 +1,220 @@
+"""The typed configuration: one dataclass per TOML section, one documented field per key.
+
+Section and key names follow TorchTitan's TOML conventions so a TorchTitan llama3 TOML loads with few
+or no changes (differences are listed in docs/config.md). Each field carries its documentation and
+its constraints in `metadata`: `doc` (one line), optionally `choices`, `ge`/`gt`/`le` bounds. The
+loader in `manager.py` checks types and these constraints generically; rules that relate several
+keys live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def option(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None) -> Any:
+    """A config field with its one-line documentation and optional constraints."""
+    metadata = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class Job:
+    config_file: str = option("", "Path of the TOML file this config was read from (set by the loader).")
+    dump_folder: str = option("./outputs", "Run output folder: resolved config, logs, TensorBoard, checkpoints.")
+    description: str = option("", "Free-text description of the run, printed at start-up.")
+    print_config: bool = option(False, "Print the resolved config at start-up (also `--print-config`).")
+
+
+@dataclass
+class Model:
+    name: str = option("llama3", "Model family, a key of the model registry (`torchtitan_like.models`).")
+    flavor: str = option("debugmodel", "Size preset of the model family, e.g. debugmodel, 1B, 3B, 8B, 70B, 405B.")
+    tokenizer: str = option("auto", "Tokenizer kind.", choices=("auto", "byte", "hf", "tiktoken"))
+    hf_assets_path: str = option("", "Folder or file with tokenizer assets (tokenizer.json or tokenizer.model); "
+                                     "empty uses the built-in byte tokenizer.")
+    tokenizer_path: str = option("", "Deprecated TorchTitan alias of hf_assets_path.")
+    vocab_size: int = option(-1, "Model vocabulary size; -1 follows the tokenizer, a larger value pads "
+                                 "(e.g. 128256), a smaller one is an error.", ge=-1)
+    norm_type: str = option("rmsnorm", "Normalization layer implementation.",
+                            choices=("rmsnorm", "triton_rmsnorm", "torch_rmsnorm"))
+    converters: list = option([], "Model converters applied after construction, e.g. [\"float8\"].")
+    print_after_conversion: bool = option(False, "Print the model after converters are applied.")
+
+
+@dataclass
+class Optimizer:
+    name: str = option("AdamW", "Optimizer.", choices=("AdamW", "Adam"))
+    lr: float = option(8e-4, "Peak learning rate.", gt=0.0)
+    beta1: float = option(0.9, "Adam beta1.", ge=0.0, le=1.0)
+    beta2: float = option(0.95, "Adam beta2.", ge=0.0, le=1.0)
+    eps: float = option(1e-8, "Adam epsilon.", gt=0.0)
+    weight_decay: float = option(0.1, "Decoupled weight decay (not applied to norms and biases).", ge=0.0)
+    implementation: str = option("auto", "Kernel implementation; auto picks fused on CUDA, foreach elsewhere.",
+                                 choices=("auto", "fused", "foreach", "for-loop"))
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = option(200, "Linear warmup steps from near zero to the peak learning rate.", ge=0)
+    decay_type: str = option("cosine", "Shape after warmup.", choices=("cosine", "linear", "sqrt", "constant"))
+    decay_ratio: float = option(-1.0, "Fraction of steps spent decaying at the end (warmup-stable-decay); "
+                                      "-1 decays over all steps after warmup.", le=1.0)
+    min_lr_factor: float = option(0.1, "Final learning rate as a fraction of the peak.", ge=0.0, le=1.0)
+
+
+@dataclass
+class Training:
+    dataset: str = option("builtin", "Dataset: builtin (shipped corpus), local (text files from dataset_path), "
+                                     "tokenized (shards from prepare-data), huggingface (datasets package).",
+                          choices=("builtin", "local", "tokenized", "huggingface"))
+    dataset_path: str = option("", "File, folder or glob of the corpus (local/tokenized) or dataset name (huggingface).")
+    dataset_text_field: str = option("text", "Field holding the text in .jsonl/.parquet/HF records.")
+    local_batch_size: int = option(8, "Samples per data-parallel rank per optimizer step.", ge=1)
+    global_batch_size: int = option(-1, "Samples per optimizer step across all DP ranks; -1 = local x DP. "
+                                        "Larger values use gradient accumulation.", ge=-1)
+    seq_len: int = option(2048, "Tokens per sample.", ge=2)
+    max_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables clipping.", ge=0.0)
+    steps: int = option(10000, "Optimizer steps to train.", ge=1)
+    mixed_precision_param: str = option("bfloat16", "Parameter/compute dtype on GPU (CPU always trains in float32).",
+                                        choices=("bfloat16", "float32", "float16"))
+    mixed_precision_reduce: str = option("float32", "Gradient reduction dtype under FSDP.",
+                                         choices=("float32", "bfloat16"))
+    enable_cpu_offload: bool = option(False, "Offload FSDP parameters, gradients and optimizer state to CPU.")
+    seed: int = option(0, "Random seed for weights, data order and dropout-free RNG streams.", ge=0)
+    deterministic: bool = option(False, "Use deterministic algorithms (slower) for bitwise-reproducible runs.")
+    gc_freq: int = option(50, "Run Python garbage collection every this many steps.", ge=1)
+    device: str = option("auto", "Device type; auto picks cuda when available, else cpu.", choices=("auto", "cuda", "cpu"))
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = option(1, "Replicated data-parallel degree (HSDP outer dim).", ge=1)
+    data_parallel_shard_degree: int = option(-1, "Sharded data-parallel (FSDP) degree; -1 infers it from the world size.", ge=-1)
+    fsdp_reshard_after_forward: str = option("default", "FSDP reshard policy; default = always without PP, never with PP.",
+                                             choices=("default", "always", "never"))
+    tensor_parallel_degree: int = option(1, "Tensor (and sequence) parallel degree.", ge=1)
+    disable_loss_parallel: bool = option(False, "Gather the vocab-sharded logits before the loss instead of loss parallel.")
+    enable_async_tensor_parallel: bool = option(False, "Async TP (CUDA with torch.compile only).")
+    pipeline_parallel_degree: int = option(1, "Pipeline parallel degree (number of ranks in a pipeline).", ge=1)
+    pipeline_parallel_split_points: list = option([], "Module names starting each stage after the first, e.g. [\"layers.4\"]; "
+                                                      "empty = balanced automatic split.")
+    pipeline_parallel_layers_per_stage: int = option(-1, "Transformer layers per virtual stage; -1 = one stage per rank "
+                                                         "(two per rank for interleaved schedules).", ge=-1)
+    pipeline_parallel_schedule: str = option("1F1B", "Pipeline schedule.",
+                                             choices=("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS",
+                                                      "InterleavedZeroBubble", "ZBVZeroBubble"))
+    pipeline_parallel_microbatch_size: int = option(1, "Samples per pipeline microbatch.", ge=1)
+    context_parallel_degree: int = option(1, "Context parallel degree (not supported yet: must be 1).", ge=1, le=1)
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = option(False, "Save and load distributed checkpoints.")
+    folder: str = option("checkpoint", "Checkpoint folder, relative to job.dump_folder.")
+    interval: int = option(500, "Save every this many steps.", ge=1)
+    keep_latest_k: int = option(0, "Keep only the newest k complete checkpoints; 0 keeps all.", ge=0)
+    load_step: int = option(-1, "Step to load; -1 loads the newest complete checkpoint.", ge=-1)
+    last_save_model_only: bool = option(True, "The final save holds model weights only (an export).")
+    export_dtype: str = option("float32", "Dtype of a model-only export.", choices=("float32", "bfloat16", "float16"))
+    async_mode: str = option("disabled", "Asynchronous saving.", choices=("disabled", "async", "async_with_pinned_mem"))
+    exclude_from_loading: list = option([], "State keys not loaded on resume, e.g. [\"optimizer\", \"dataloader\"].")
+    initial_load_path: str = option("", "Checkpoint folder to initialize from when the run has none of its own.")
+    initial_load_model_only: bool = option(True, "Load only model weights from initial_load_path.")
+    create_seed_checkpoint: bool = option(False, "Initialize on one rank, save step 0 and exit.")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = option("none", "Activation checkpointing.", choices=("none", "full", "selective"))
+    selective_ac_option: str = option("2", "Selective AC: a positive integer k checkpoints every k-th layer; "
+                                           "'op' saves matmul outputs and recomputes the rest.")
+
+
+@dataclass
+class Compile:
+    enable: bool = option(False, "torch.compile each transformer block (and the loss).")
+    components: list = option(["model", "loss"], "What to compile: model and/or loss.")
+    backend: str = option("inductor", "torch.compile backend.")
+
+
+@dataclass
+class Float8:
+    enable: bool = option(False, "Swap eligible nn.Linear layers for Float8Linear (also model.converters = [\"float8\"]).")
+    recipe_name: str = option("tensorwise", "Scaling recipe.", choices=("tensorwise", "rowwise"))
+    backend: str = option("auto", "FP8 GEMM backend.", choices=("auto", "triton", "torch"))
+    filter_fqns: list = option(["output"], "Module names (substring match) kept in high precision.")
+    enable_fsdp_float8_all_gather: bool = option(False, "All-gather FSDP weights in float8 (tensorwise only).")
+    precompute_float8_dynamic_scale_for_fsdp: bool = option(False, "Compute FSDP float8 weight scales in one pass after the optimizer step.")
+    emulate: bool = option(False, "Emulate float8 matmuls in high precision (for devices without FP8, e.g. CPU tests).")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = option(10, "Log metrics every this many steps.", ge=1)
+    enable_tensorboard: bool = option(True, "Write TensorBoard event files.")
+    save_tb_folder: str = option("tb", "TensorBoard folder, relative to job.dump_folder.")
+    save_for_all_ranks: bool = option(False, "Write metrics from every rank (default rank 0 only).")
+    disable_color_printing: bool = option(False, "Plain log lines without ANSI colors.")
+    peak_flops: float = option(-1.0, "Peak dense bf16 FLOP/s of one device for MFU; -1 looks the device up.", ge=-1)
+    enable_wandb: bool = option(False, "Accepted for TorchTitan compatibility; Weights & Biases is not supported.")
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = option(False, "Collect torch profiler traces.")
+    save_traces_folder: str = option("profile_trace", "Trace folder, relative to job.dump_folder.")
+    profile_freq: int = option(10, "Profile one step out of every this many.", ge=1)
+    enable_memory_snapshot: bool = option(False, "Record CUDA memory snapshots.")
+    save_memory_snapshot_folder: str = option("memory_snapshot", "Snapshot folder, relative to job.dump_folder.")
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = option(300, "Timeout of process-group initialization and the first collectives.", ge=1)
+    train_timeout_seconds: int = option(100, "Collective timeout once training runs.", ge=1)
+    trace_buf_size: int = option(20000, "NCCL flight-recorder entries kept for hang dumps (0 disables).", ge=0)
+
+
+@dataclass
+class Validation:
+    enable: bool = option(False, "Run periodic validation (loss and perplexity on held-out data).")
+    dataset: str = option("builtin", "Validation dataset, as training.dataset; builtin uses the held-out split.",
+                          choices=("builtin", "local", "tokenized", "huggingface"))
+    dataset_path: str = option("", "Validation corpus path (as training.dataset_path).")
+    local_batch_size: int = option(8, "Samples per rank per validation step.", ge=1)
+    seq_len: int = option(-1, "Tokens per validation sample; -1 uses training.seq_len.", ge=-1)
+    freq: int = option(100, "Validate every this many steps.", ge=1)
+    steps: int = option(10, "Validation batches per evaluation; -1 runs the whole split.", ge=-1)
+
+
+SECTIONS: dict[str, type] = {
+    "job": Job, "model": Model, "optimizer": Optimizer, "lr_scheduler": LRScheduler, "training": Training,
+    "parallelism": Parallelism, "checkpoint": Checkpoint, "activation_checkpoint": ActivationCheckpoint,
+    "compile": Compile, "float8": Float8, "metrics": Metrics, "profiling": Profiling, "comm": Comm,
+    "validation": Validation,
+}
+
+
+@dataclass
+class JobConfig:
+    """The whole run description; one attribute per TOML section."""
+
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
+    metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
+    comm: Comm = field(default_factory=Comm)
+    validation: Validation = field(default_factory=Validation)

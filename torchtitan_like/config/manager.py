@@ -1,0 +1,258 @@
+"""Build a `JobConfig` from defaults, a TOML file and command-line overrides (CLI > TOML > defaults).
+
+Every user mistake raises `ConfigError` naming the file, the `section.key`, the value and what is
+allowed; nothing here touches devices or process groups, so errors surface before any collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import typing
+from dataclasses import asdict, fields
+from typing import Any, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from torchtitan_like.config.job_config import SECTIONS, JobConfig
+from torchtitan_like.errors import ConfigError, did_you_mean
+
+# TorchTitan sections we accept and ignore (with a warning) so its TOMLs load unchanged.
+IGNORED_TORCHTITAN_SECTIONS = ("experimental", "fault_tolerance", "memory_estimation", "mx")
+# TorchTitan spells the float8 section [quantize.linear.float8]; it maps onto our [float8].
+FLOAT8_ALIAS = ("quantize", "linear", "float8")
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(tp, str(tp))
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: (hints[f.name], f) for f in fields(section_cls)}
+
+
+def _coerce(value: Any, tp: type, where: str) -> Any:
+    """Check a TOML value's type (ints are accepted where floats are expected)."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is not bool and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where} = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _parse_cli_value(text: str, tp: type, where: str) -> Any:
+    """Parse a command-line string into the field's type."""
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{where} = {text!r}: expected a boolean (true/false)")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where} = {text!r}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where} = {text!r}: expected a number") from None
+    if tp is list:
+        text = text.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{where} = {text!r}: expected a list such as [\"a\", \"b\"] or a,b") from None
+            return value
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _check_constraints(value: Any, f, where: str) -> None:
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(map(str, choices))
+        raise ConfigError(f"{where} = {value!r} is not allowed{did_you_mean(str(value), map(str, choices))}; "
+                          f"allowed: {allowed}")
+    for bound, test, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<=")):
+        limit = meta.get(bound)
+        if limit is not None and isinstance(value, (int, float)) and not test(value, limit):
+            raise ConfigError(f"{where} = {value!r} is out of range: must be {text} {limit:g}")
+
+
+def _flatten_float8_alias(data: dict, source: str) -> dict:
+    """Map TorchTitan's [quantize.linear.float8] onto [float8]."""
+    quantize = data.get("quantize")
+    if isinstance(quantize, dict):
+        float8 = quantize.get("linear", {}).get("float8") if isinstance(quantize.get("linear"), dict) else None
+        if float8 is not None:
+            merged = dict(data.get("float8", {}))
+            merged.update(float8)
+            data = {k: v for k, v in data.items() if k != "quantize"}
+            data["float8"] = merged
+    return data
+
+
+def read_toml(path: str) -> dict:
+    """Read a TOML file, turning a missing file or a syntax error into a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: malformed TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
+
+
+def apply_sections(config: JobConfig, data: dict, source: str, warn=print) -> None:
+    """Set values from a nested dict `{section: {key: value}}` onto `config`, checking each."""
+    data = _flatten_float8_alias(data, source)
+    for section, values in data.items():
+        if section in IGNORED_TORCHTITAN_SECTIONS:
+            warn(f"warning: {source}: section [{section}] is TorchTitan-only and ignored")
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]{did_you_mean(section, SECTIONS)}; "
+                              f"sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys, got {values!r}")
+        types = _field_types(SECTIONS[section])
+        target = getattr(config, section)
+        for key, value in values.items():
+            where = f"{source}: {section}.{key}"
+            if key not in types:
+                raise ConfigError(f"{where}: unknown key{did_you_mean(key, types)}; "
+                                  f"keys of [{section}]: {', '.join(types)}")
+            tp, f = types[key]
+            value = _coerce(value, tp, where)
+            _check_constraints(value, f, where)
+            setattr(target, key, value)
+
+
+def parse_cli_overrides(args: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Turn `--section.key value` / `--section.key=value` pairs into (section, key, text) triples.
+
+    A bare boolean flag (`--compile.enable`) means true.
+    """
+    overrides, index = [], 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: unexpected argument {arg!r}; overrides look like --section.key value")
+        name, eq, text = arg[2:].partition("=")
+        section, _, key = name.partition(".")
+        if not eq:
+            nxt = args[index + 1] if index + 1 < len(args) else None
+            is_flag = nxt is None or (nxt.startswith("--") and not _looks_numeric(nxt))
+            if is_flag:
+                text = "true"
+            else:
+                text = nxt
+                index += 1
+        overrides.append((section, key, text))
+        index += 1
+    return overrides
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_cli_overrides(config: JobConfig, overrides: list[tuple[str, str, str]]) -> None:
+    for section, key, text in overrides:
+        if section not in SECTIONS:
+            raise ConfigError(f"command line: unknown section --{section}.{key}{did_you_mean(section, SECTIONS)}; "
+                              f"sections: {', '.join(SECTIONS)}")
+        types = _field_types(SECTIONS[section])
+        where = f"command line: {section}.{key}"
+        if key not in types:
+            raise ConfigError(f"{where}: unknown key{did_you_mean(key, types)}; keys of [{section}]: {', '.join(types)}")
+        tp, f = types[key]
+        value = _parse_cli_value(text, tp, where)
+        _check_constraints(value, f, where)
+        setattr(getattr(config, section), key, value)
+
+
+def load_config(argv: Sequence[str]) -> tuple[JobConfig, bool]:
+    """Build the config from `argv` (without the program name).
+
+    Recognized: `--config PATH` (or `--job.config_file PATH`), `--print-config`, and overrides.
+    Returns the config and whether `--print-config` was given.
+    """
+    argv = list(argv)
+    print_config = False
+    if "--print-config" in argv:
+        argv.remove("--print-config")
+        print_config = True
+    config_path = ""
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        for flag in ("--config", "--job.config_file"):
+            if arg == flag:
+                if index + 1 >= len(argv):
+                    raise ConfigError(f"command line: {flag} needs a path")
+                config_path = argv[index + 1]
+                index += 2
+                break
+            if arg.startswith(flag + "="):
+                config_path = arg.split("=", 1)[1]
+                index += 1
+                break
+        else:
+            rest.append(arg)
+            index += 1
+    config = JobConfig()
+    if config_path:
+        apply_sections(config, read_toml(config_path), config_path, warn=_warn)
+        config.job.config_file = config_path
+    apply_cli_overrides(config, parse_cli_overrides(rest))
+    return config, print_config or config.job.print_config
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def config_to_dict(config: JobConfig) -> dict:
+    return asdict(config)
+
+
+def to_toml(config: JobConfig) -> str:
+    """Render the resolved config as TOML (saved into the run folder, printed by --print-config)."""
+    lines: list[str] = []
+    for section, values in config_to_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))

@@ -1,0 +1,55 @@
+"""Checks that relate several config keys (and the model's shape); run before any distributed setup."""
+
+from __future__ import annotations
+
+from torchtitan_like.errors import ConfigError
+
+
+def gradient_accumulation_steps(training, dp_degree: int) -> int:
+    """Microbatches per optimizer step needed to reach training.global_batch_size."""
+    per_step = training.local_batch_size * dp_degree
+    if training.global_batch_size == -1:
+        return 1
+    if training.global_batch_size % per_step != 0:
+        raise ConfigError(
+            f"training.global_batch_size = {training.global_batch_size} must be a multiple of "
+            f"training.local_batch_size ({training.local_batch_size}) x data-parallel degree ({dp_degree}) = {per_step}")
+    return training.global_batch_size // per_step
+
+
+def validate_config(config, model_args) -> None:
+    """Raise ConfigError for out-of-range or inconsistent values; `model_args` has its vocab set."""
+    training, lr = config.training, config.lr_scheduler
+    if lr.warmup_steps > training.steps:
+        raise ConfigError(f"lr_scheduler.warmup_steps = {lr.warmup_steps} is larger than training.steps = "
+                          f"{training.steps}; warmup must fit in the run")
+    if lr.decay_ratio != -1.0:
+        if not 0.0 <= lr.decay_ratio <= 1.0:
+            raise ConfigError(f"lr_scheduler.decay_ratio = {lr.decay_ratio}: must be -1 (decay after warmup) or in [0, 1]")
+        if lr.warmup_steps + round(training.steps * lr.decay_ratio) > training.steps:
+            raise ConfigError(f"lr_scheduler.warmup_steps ({lr.warmup_steps}) + decay_ratio x steps "
+                              f"({round(training.steps * lr.decay_ratio)}) exceeds training.steps ({training.steps})")
+    if training.seq_len > model_args.max_seq_len:
+        raise ConfigError(f"training.seq_len = {training.seq_len} exceeds the model's maximum sequence length "
+                          f"{model_args.max_seq_len} ({config.model.name} {config.model.flavor})")
+    val_seq_len = config.validation.seq_len if config.validation.seq_len != -1 else training.seq_len
+    if config.validation.enable and val_seq_len > model_args.max_seq_len:
+        raise ConfigError(f"validation.seq_len = {val_seq_len} exceeds the model's maximum sequence length "
+                          f"{model_args.max_seq_len}")
+    if config.validation.steps == 0:
+        raise ConfigError("validation.steps = 0: use a positive number of batches or -1 for the whole split")
+    if training.dataset in ("local", "tokenized", "huggingface") and not training.dataset_path:
+        raise ConfigError(f"training.dataset = {training.dataset!r} needs training.dataset_path "
+                          f"(a file, folder or glob{', or a dataset name' if training.dataset == 'huggingface' else ''})")
+    if config.validation.enable and config.validation.dataset != "builtin" and not config.validation.dataset_path:
+        raise ConfigError(f"validation.dataset = {config.validation.dataset!r} needs validation.dataset_path")
+    option = config.activation_checkpoint.selective_ac_option
+    if config.activation_checkpoint.mode == "selective" and option != "op" and not (option.isdigit() and int(option) > 0):
+        raise ConfigError(f"activation_checkpoint.selective_ac_option = {option!r}: must be a positive integer "
+                          f"(checkpoint every k-th layer) or 'op'")
+    for component in config.compile.components:
+        if component not in ("model", "loss"):
+            raise ConfigError(f"compile.components contains {component!r}; allowed: model, loss")
+    for converter in config.model.converters:
+        if converter not in ("float8", "quantize.linear.float8"):
+            raise ConfigError(f"model.converters contains {converter!r}; allowed: float8")

@@ -1,0 +1,1 @@
+"""Distributed utilities: device and process-group setup, DTensor helpers."""

@@ -1,0 +1,65 @@
+"""Device choice and process-group start-up (CUDA + NCCL when GPUs exist, CPU + gloo otherwise)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from torchtitan_like.errors import ConfigError
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; one process when unset."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def resolve_device(device_choice: str) -> torch.device:
+    """`auto` picks this process's GPU (by LOCAL_RANK) when CUDA is available, else the CPU."""
+    _, local_rank, _ = world_info()
+    if device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device = 'cuda' but CUDA is not available on this machine; use 'auto' or 'cpu'")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} has no GPU: this node has {torch.cuda.device_count()}")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(device: torch.device, comm_config) -> None:
+    """Start the default process group when launched with more than one process.
+
+    On CUDA the NCCL flight recorder keeps the last `trace_buf_size` collectives so that a hang
+    leaves a dump (TORCH_NCCL_DUMP_ON_TIMEOUT) instead of silence.
+    """
+    _, _, world_size = world_info()
+    if world_size == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(comm_config.trace_buf_size))
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1" if comm_config.trace_buf_size > 0 else "0")
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=comm_config.init_timeout_seconds),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def set_train_timeout(comm_config) -> None:
+    """After start-up, collectives run under the (usually shorter) training timeout."""
+    if dist.is_initialized() and torch.cuda.is_available():
+        group = dist.distributed_c10d._get_default_group()
+        try:
+            group._get_backend(torch.device("cuda"))._set_default_timeout(
+                datetime.timedelta(seconds=comm_config.train_timeout_seconds))
+        except (AttributeError, RuntimeError):
+            pass  # older torch or a backend without per-backend timeouts: keep the init timeout
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

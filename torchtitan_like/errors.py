@@ -1,0 +1,31 @@
+"""User-facing error types.
+
+A user mistake (bad config, missing file, bad data) raises `UserError`. The entry points catch it,
+print one clear message without a traceback and exit with code 2, before any collective runs when the
+mistake is detectable at start-up.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, files, data). Exit code 2, no traceback."""
+
+
+class ConfigError(UserError):
+    """A config value is missing, malformed, of the wrong type or out of range."""
+
+
+class DataError(UserError):
+    """A corpus, shard or tokenizer file is missing, empty or malformed."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return ' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f' (did you mean "{matches[0]}"?)' if matches else ""

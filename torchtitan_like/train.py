@@ -1,0 +1,49 @@
+"""Command-line entry point: `python -m torchtitan_like.train --config FILE [--section.key value ...]`.
+
+User mistakes (bad config, missing files, bad data) print one `error:` line and exit with code 2,
+without a traceback; `--print-config` prints the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torchtitan_like.config import load_config, to_toml
+from torchtitan_like.errors import USER_ERROR_EXIT_CODE, UserError
+from torchtitan_like.logging import init_logger
+
+USAGE = """usage: python -m torchtitan_like.train [--config FILE.toml] [--print-config] [--section.key VALUE ...]
+
+Trains the model described by a TOML config (see train_configs/ and docs/config.md).
+Overrides: --training.steps 100, --training.steps=100, --compile.enable (a bare flag means true).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
+    init_logger()
+    trainer = None
+    try:
+        config, print_config = load_config(argv)
+        if print_config:
+            print(to_toml(config))
+            if "--print-config" in argv:
+                return 0
+        from torchtitan_like.trainer import Trainer
+
+        trainer = Trainer(config)
+        trainer.train()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
+    finally:
+        if trainer is not None:
+            trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
