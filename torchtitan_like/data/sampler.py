@@ -1,0 +1,79 @@
+"""A resumable sampler that shards packed samples across data-parallel ranks.
+
+Epoch e visits a permutation of all sample indices drawn from a generator seeded with (seed, e), so
+the same seed gives the same order on every run and each epoch is reshuffled. The permutation is
+trimmed to a multiple of the world size (the few leftover samples differ per epoch) and rank r takes
+positions r, r + world, r + 2 world, ...: ranks are disjoint and together cover every kept sample.
+
+`state_dict()` is (epoch, samples yielded in the epoch). torchdata's StatefulDataLoader stores it
+through its batch sampler and, on `load_state_dict`, restarts iteration exactly there: a resumed run
+sees the very batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from torchtitan_like.errors import DataError
+
+
+class ShardedSampler(Sampler[int]):
+    """Indices of this rank's samples; infinite (epoch after epoch) or a single pass."""
+
+    def __init__(self, num_samples: int, dp_rank: int, dp_world_size: int, *, seed: int = 0,
+                 shuffle: bool = True, infinite: bool = True):
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank {dp_rank} outside a data-parallel world of {dp_world_size}")
+        self.num_samples = num_samples
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.infinite = infinite
+        self.epoch = 0
+        self.yielded_in_epoch = 0
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self.num_samples // self.dp_world_size
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch`, in visiting order."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        kept = order[: self.samples_per_rank * self.dp_world_size]
+        return kept[self.dp_rank :: self.dp_world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            indices = self.epoch_indices(self.epoch)
+            while self.yielded_in_epoch < len(indices):
+                index = int(indices[self.yielded_in_epoch])
+                self.yielded_in_epoch += 1
+                yield index
+            self.epoch += 1
+            self.yielded_in_epoch = 0
+            if not self.infinite or len(indices) == 0:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "yielded_in_epoch": self.yielded_in_epoch, "seed": self.seed,
+                "num_samples": self.num_samples, "dp_world_size": self.dp_world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A different corpus, seed or world size would silently replay other data; fail instead.
+        for key in ("seed", "num_samples", "dp_world_size"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
+                raise DataError(f"the checkpointed data loader state has {key}={state_dict[key]}, but this run has "
+                                f"{key}={getattr(self, key)}, so the data order cannot continue; restore the old "
+                                f'setting or add "dataloader" to checkpoint.exclude_from_loading')
+        self.epoch = int(state_dict["epoch"])
+        self.yielded_in_epoch = int(state_dict["yielded_in_epoch"])
