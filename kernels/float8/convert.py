@@ -1,0 +1,91 @@
+"""Swap a model's nn.Linear layers for Float8Linear from the [float8] config, and check the device.
+
+A layer is kept in high precision when its fqn contains a `filter_fqns` entry (default ["output"]:
+the LM head is sensitive and its vocab width is often not a multiple of 16) or when in_features or
+out_features is not a multiple of 16 (fp8 tensor-core GEMMs and `torch._scaled_mm` need it).
+The swap reuses the same Parameter objects, so fqns, checkpoints, the optimizer's parameter list
+and a later `fully_shard` (FSDP2) see exactly the model they would without float8. Apply it before
+tensor parallelism: a TP-sharded (DTensor) weight runs in high precision (see linear.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.kernels.float8.linear import Float8Linear
+from torchtitan_like.logging import logger
+
+MIN_CAPABILITY = (8, 9)  # Ada (sm89) and Hopper (sm90) have fp8 tensor cores
+
+
+def check_float8_support(device: torch.device | str, float8_config) -> None:
+    """Raise ConfigError when float8 is enabled on a device without fp8 GEMMs and emulate is off.
+
+    Allowed: emulate = true anywhere; CUDA with compute capability >= 8.9; CPU under the Triton
+    interpreter (TRITON_INTERPRET=1) with backend = "triton" (kernel tests).
+    """
+    if not float8_config.enable or float8_config.emulate:
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            raise ConfigError(
+                f"float8.enable = true needs a GPU with compute capability >= 8.9 (H100/H200, L4, RTX 40xx); "
+                f"this GPU is sm{capability[0]}{capability[1]}. Set float8.emulate = true to emulate fp8 "
+                f"in high precision, or float8.enable = false.")
+        if float8_config.backend == "torch" and not hasattr(torch, "_scaled_mm"):
+            raise ConfigError('float8.backend = "torch" needs torch._scaled_mm; use backend = "triton" or "auto".')
+        return
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and float8_config.backend == "triton":
+        return
+    raise ConfigError(
+        f"float8.enable = true needs a CUDA GPU with compute capability >= 8.9, but the device is "
+        f"{device.type}. Set float8.emulate = true to emulate fp8 in high precision (e.g. CPU tests), "
+        f"or float8.enable = false.")
+
+
+def _validate(float8_config) -> None:
+    if float8_config.recipe_name not in ("tensorwise", "rowwise"):
+        raise ConfigError(f'float8.recipe_name = "{float8_config.recipe_name}" is not one of "tensorwise", "rowwise".')
+    if float8_config.enable_fsdp_float8_all_gather and float8_config.recipe_name != "tensorwise":
+        raise ConfigError("float8.enable_fsdp_float8_all_gather = true works only with recipe_name = \"tensorwise\".")
+    if float8_config.enable_fsdp_float8_all_gather or float8_config.precompute_float8_dynamic_scale_for_fsdp:
+        logger.warning("float8: fp8 FSDP all-gather / precomputed scales are not implemented; weights are "
+                       "all-gathered in their parameter dtype and cast to fp8 after the gather")
+
+
+def convert_to_float8(model: nn.Module, float8_config) -> int:
+    """Replace eligible nn.Linear modules of `model` in place by Float8Linear; returns how many.
+
+    Does nothing (returns 0) when float8_config.enable is false.
+    """
+    if not float8_config.enable:
+        return 0
+    _validate(float8_config)
+    filters = list(float8_config.filter_fqns or [])
+    targets, skipped = [], []
+    for fqn, module in model.named_modules():
+        if type(module) is not nn.Linear:  # exact type: never re-wrap a Float8Linear or a subclass
+            continue
+        if any(pattern in fqn for pattern in filters):
+            skipped.append(f"{fqn} (filter_fqns)")
+        elif module.in_features % 16 or module.out_features % 16:
+            skipped.append(f"{fqn} ({module.in_features}x{module.out_features} not divisible by 16)")
+        else:
+            targets.append(fqn)
+    for fqn in targets:
+        parent_name, _, child_name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, Float8Linear.from_linear(
+            getattr(parent, child_name), recipe=float8_config.recipe_name, backend=float8_config.backend,
+            emulate=float8_config.emulate))
+    if skipped:
+        logger.info(f"float8: kept {len(skipped)} linear layer(s) in high precision: {', '.join(skipped)}")
+    logger.info(f"float8: swapped {len(targets)} nn.Linear -> Float8Linear "
+                f"(recipe={float8_config.recipe_name}, backend={float8_config.backend}, emulate={float8_config.emulate})")
+    return len(targets)

@@ -1,0 +1,85 @@
+"""Float8 quantize kernels (kernels/float8/quantize.py) equal the torch reference cast bit for bit."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
+
+import pytest
+import torch
+
+from torchtitan_like.kernels.float8 import quantize as q
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(q, "POISON_OUTPUTS", True)
+
+
+def _bits(t):
+    return t.view(torch.uint8)
+
+
+def _hard_input(shape, dtype):
+    """Fresh random values with a zero row, negatives, tiny values and one large outlier."""
+    x = torch.randn(shape) * 3
+    x[1] = 0.0
+    x[0, : shape[1] // 2] *= 1e-3
+    x[-1, -1] = -40.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("float8_dtype", [q.E4M3, q.E5M2])
+@pytest.mark.parametrize("shape", [(37, 50), (16, 32)])
+def test_tensorwise_cast_and_transpose_match_reference_bitwise(shape, float8_dtype, dtype):
+    x = _hard_input(shape, dtype)
+    out, out_t, scale = q.tensorwise_quantize(x, float8_dtype, "also")
+    ref, ref_t, ref_scale = q.tensorwise_quantize_reference(x, float8_dtype)
+    assert scale.shape == () and torch.equal(scale, ref_scale)
+    assert torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(_bits(out_t), _bits(ref_t))
+    assert not torch.isnan(out.float()).any()
+
+
+def test_tensorwise_reuses_given_scale_for_transpose_only():
+    x = _hard_input((21, 40), torch.bfloat16)
+    scale = torch.tensor(3.5)
+    out, out_t, same = q.tensorwise_quantize(x, q.E4M3, "only", scale=scale)
+    assert out is None and same is scale
+    assert torch.equal(_bits(out_t), _bits(q.to_float8_reference(x, scale, q.E4M3).t().contiguous()))
+
+
+@pytest.mark.parametrize("float8_dtype", [q.E4M3, q.E5M2])
+def test_saturation_and_rounding_exact_on_dense_grid(float8_dtype):
+    # scale fixed at 1: a dense sweep across every binade, ties included, and past FP8_MAX.
+    limit = q.fp8_max(float8_dtype) * 1.2
+    x = torch.linspace(-limit, limit, 48 * 64).reshape(48, 64)
+    x[0, :32] = torch.linspace(-0.02, 0.02, 32)  # subnormals of both formats
+    scale = torch.tensor(1.0)
+    _, out_t, _ = q.tensorwise_quantize(x, float8_dtype, "only", scale=scale)
+    ref = q.to_float8_reference(x, scale, float8_dtype)
+    assert torch.equal(_bits(out_t), _bits(ref.t().contiguous()))
+    assert out_t.float().abs().max() == q.fp8_max(float8_dtype)
+
+
+@pytest.mark.parametrize("float8_dtype", [q.E4M3, q.E5M2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rowwise_matches_reference_bitwise(float8_dtype, dtype):
+    x = _hard_input((9, 70), dtype)
+    out, scale = q.rowwise_quantize(x, float8_dtype)
+    ref, ref_scale = q.rowwise_quantize_reference(x, float8_dtype)
+    assert scale.shape == (9, 1) and torch.equal(scale, ref_scale)
+    assert torch.equal(_bits(out), _bits(ref))
+
+
+@pytest.mark.parametrize("float8_dtype", [q.E4M3, q.E5M2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_colwise_transposed_matches_reference_bitwise(float8_dtype, dtype):
+    x = _hard_input((37, 45), dtype)
+    x[:, 3] = 0.0  # an all-zero column: amax 0 -> scale FP8_MAX / EPS, values stay 0
+    out_t, scale = q.colwise_quantize_t(x, float8_dtype)
+    ref_t, ref_scale = q.colwise_quantize_t_reference(x, float8_dtype)
+    assert out_t.shape == (45, 37) and out_t.is_contiguous()
+    assert scale.shape == (45, 1) and torch.equal(scale, ref_scale)
+    assert torch.equal(_bits(out_t), _bits(ref_t))
+    assert torch.isfinite(scale).all()
