@@ -1,0 +1,93 @@
+"""Hugging Face interop: exported weights give transformers' LlamaForCausalLM our logits, and an
+export followed by an import returns the same weights (GQA, Llama 3.1 RoPE scaling, tied embeddings)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.checkpoint.common import build_model, checkpoint_config, tiny_args
+from tests.helpers import REPO_ROOT, run_cli
+from torchtitan_like.checkpoint import create_seed_checkpoint
+from torchtitan_like.checkpoint.hf_convert import export_hf, import_hf, read_dcp_model
+from torchtitan_like.models.llama3.args import RopeScaling
+from torchtitan_like.models.llama3.state_dict_adapter import Llama3StateDictAdapter, args_from_hf_config, hf_config
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+CONFIGS = {
+    "gqa": {},
+    "rope_scaling": {"rope_scaling": RopeScaling(factor=8.0, original_max_position_embeddings=16)},
+    "tied_embeddings": {"tie_word_embeddings": True},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_exported_model_matches_our_logits_in_transformers_and_imports_back_identically(tmp_path, name):
+    args = tiny_args(**CONFIGS[name])
+    model = build_model(args, seed=1)
+    create_seed_checkpoint(checkpoint_config(), str(tmp_path), model)
+    export_hf(str(tmp_path / "checkpoint"), str(tmp_path / "hf"), args)
+
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    if name == "rope_scaling":
+        assert hf_model.config.rope_parameters["rope_type"] == "llama3"
+    tokens = torch.randint(0, args.vocab_size, (2, 40))  # longer than the scaled RoPE's original context
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, model(tokens), atol=1e-4, rtol=0)
+
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    _, imported = read_dcp_model(str(tmp_path / "imported"))
+    expected = model.state_dict()
+    assert imported.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(imported[key], value), key
+
+
+def test_adapter_round_trip_and_config_round_trip():
+    args = tiny_args(rope_scaling=RopeScaling(factor=32.0), tie_word_embeddings=True)
+    state = build_model(args).state_dict()
+    adapter = Llama3StateDictAdapter(args)
+    hf_state = adapter.to_hf(state)
+    assert "lm_head.weight" not in hf_state  # tied: HF re-ties it on load
+    assert not torch.equal(hf_state["model.layers.0.self_attn.q_proj.weight"], state["layers.0.attention.wq.weight"])
+    back = adapter.from_hf(hf_state)
+    assert all(torch.equal(back[key], value) for key, value in state.items())
+    rebuilt = args_from_hf_config(hf_config(args))
+    for field in ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
+                  "rope_scaling", "max_seq_len", "tie_word_embeddings", "head_dim"):
+        assert getattr(rebuilt, field) == getattr(args, field), field
+
+
+def test_command_line_exports_sharded_safetensors_and_imports_them(tmp_path):
+    """The documented commands, on the debug flavor (vocabulary size read from the checkpoint)."""
+    from torchtitan_like.models.llama3 import get_flavor
+
+    args = get_flavor("debugmodel")
+    args.vocab_size = 128
+    model = build_model(args, seed=2)
+    create_seed_checkpoint(checkpoint_config(), str(tmp_path), model)
+    config = os.path.join(REPO_ROOT, "train_configs", "debug_model.toml")
+    export = run_cli(["export", "--checkpoint", str(tmp_path / "checkpoint"), "--config", config,
+                      "--output", str(tmp_path / "hf"), "--max-shard-bytes", "2000000"],
+                     module="torchtitan_like.checkpoint.hf_convert")
+    assert export.returncode == 0, export.stderr
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    imported = run_cli(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")],
+                       module="torchtitan_like.checkpoint.hf_convert")
+    assert imported.returncode == 0, imported.stderr
+    _, state = read_dcp_model(str(tmp_path / "imported"))
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+
+
+def test_export_of_a_missing_checkpoint_is_a_user_error_with_exit_code_2(tmp_path, capsys):
+    from torchtitan_like.checkpoint.hf_convert import main
+
+    code = main(["export", "--checkpoint", str(tmp_path / "nothing"), "--flavor", "debugmodel",
+                 "--output", str(tmp_path / "hf")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err

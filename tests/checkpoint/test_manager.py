@@ -1,0 +1,160 @@
+"""CheckpointManager: exact resume, interval and final saves, async saves, partial loads and errors."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from tests.checkpoint.common import (FakeDataloader, build_model, build_training, checkpoint_config, tiny_args,
+                                     train_step)
+from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint
+from torchtitan_like.errors import ConfigError, UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _training(seed=0, position=0, args=None):
+    model = build_model(args, seed=seed)
+    optimizer, scheduler = build_training(model)
+    return model, optimizer, scheduler, FakeDataloader(position), TrainState()
+
+
+def _manager(folder, training, **config):
+    model, optimizer, scheduler, dataloader, train_state = training
+    return CheckpointManager(checkpoint_config(**config), str(folder), model, optimizer, scheduler, dataloader,
+                             {"train_state": train_state})
+
+
+def _snapshot(model, optimizer, scheduler):
+    return ({name: value.clone() for name, value in model.state_dict().items()},
+            {index: {key: value.clone() for key, value in state.items()}
+             for index, state in optimizer.state_dict()["state"].items()},
+            optimizer.state_dict()["param_groups"], scheduler.state_dict())
+
+
+def _assert_same(first, second):
+    (model_a, optim_a, groups_a, sched_a), (model_b, optim_b, groups_b, sched_b) = first, second
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+    assert optim_a.keys() == optim_b.keys()
+    for index in optim_a:
+        for key in optim_a[index]:
+            assert torch.equal(optim_a[index][key], optim_b[index][key]), (index, key)
+    assert groups_a == groups_b
+    assert sched_a == sched_b
+
+
+def test_resume_restores_everything_bitwise_and_the_next_step_is_identical(tmp_path):
+    original = _training(seed=0, position=7)
+    model, optimizer, scheduler, dataloader, train_state = original
+    torch.manual_seed(123)
+    for step in (1, 2):
+        train_state.losses.append(float(train_step(model, optimizer, scheduler)))
+        train_state.step, train_state.tokens_seen = step, step * 32
+    manager = _manager(tmp_path, original)
+    assert manager.save(2)
+    saved = _snapshot(model, optimizer, scheduler)
+    loss_continued = train_step(model, optimizer, scheduler)
+
+    restored = _training(seed=1)
+    torch.manual_seed(999)  # the RNG state must come from the checkpoint
+    assert _manager(tmp_path, restored).load() == 2
+    model_b, optimizer_b, scheduler_b, dataloader_b, train_state_b = restored
+    _assert_same(saved, _snapshot(model_b, optimizer_b, scheduler_b))
+    assert dataloader_b.position == 7
+    assert (train_state_b.step, train_state_b.tokens_seen, train_state_b.losses) == (2, 64, train_state.losses[:2])
+    loss_resumed = train_step(model_b, optimizer_b, scheduler_b)
+    assert torch.equal(loss_continued, loss_resumed)
+    _assert_same(_snapshot(model, optimizer, scheduler), _snapshot(model_b, optimizer_b, scheduler_b))
+
+
+def test_saves_only_at_the_interval_and_at_the_end(tmp_path):
+    manager = _manager(tmp_path, _training(), interval=3)
+    assert [step for step in range(1, 8) if manager.save(step, last=(step == 7))] == [3, 6, 7]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-3", "step-6", "step-7"]
+
+
+def test_async_save_produces_a_complete_loadable_checkpoint(tmp_path):
+    training = _training(position=3)
+    train_step(*training[:3])
+    manager = _manager(tmp_path, training, async_mode="async")
+    manager.save(1)
+    expected = _snapshot(*training[:3])
+    train_step(*training[:3])  # training goes on while the save runs
+    manager.close()
+    assert os.listdir(tmp_path / "checkpoint") == ["step-1"]
+    restored = _training(seed=5)
+    assert _manager(tmp_path, restored).load() == 1
+    _assert_same(expected, _snapshot(*restored[:3]))
+    assert restored[3].position == 3
+
+
+def test_final_model_only_save_in_export_dtype_loads_the_model_alone(tmp_path):
+    training = _training()
+    manager = _manager(tmp_path, training, last_save_model_only=True, export_dtype="bfloat16")
+    manager.save(4, last=True)
+    restored = _training(seed=3, position=11)
+    with pytest.warns(UserWarning, match="model weights only"):
+        assert _manager(tmp_path, restored).load() == 4
+    for name, value in training[0].state_dict().items():
+        assert torch.equal(restored[0].state_dict()[name], value.to(torch.bfloat16).float()), name
+    assert restored[3].position == 11 and not restored[1].state
+
+
+def test_exclude_from_loading_keeps_the_current_dataloader_and_optimizer(tmp_path):
+    training = _training(position=9)
+    train_step(*training[:3])
+    _manager(tmp_path, training).save(1)
+    restored = _training(seed=2, position=1)
+    _manager(tmp_path, restored, exclude_from_loading=["dataloader", "optimizer"]).load()
+    assert restored[3].position == 1 and not restored[1].state
+    assert torch.equal(restored[0].output.weight, training[0].output.weight)
+
+
+def test_unknown_exclude_from_loading_key_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="dataloder.*did you mean \"dataloader\""):
+        _manager(tmp_path, _training(), exclude_from_loading=["dataloder"])
+
+
+def test_initial_load_path_initializes_a_run_without_its_own_checkpoint(tmp_path):
+    seed_model = build_model(seed=4)
+    create_seed_checkpoint(checkpoint_config(), str(tmp_path / "seed"), seed_model)
+    restored = _training(seed=0)
+    config = dict(initial_load_path=str(tmp_path / "seed" / "checkpoint"))
+    assert _manager(tmp_path / "run", restored, **config).load() == 0
+    assert torch.equal(restored[0].layers["1"].feed_forward.w2.weight, seed_model.layers["1"].feed_forward.w2.weight)
+
+
+def test_load_step_without_that_checkpoint_is_a_clear_error(tmp_path):
+    manager = _manager(tmp_path, _training(), load_step=5)
+    with pytest.raises(ConfigError, match=r"load_step = 5: no complete checkpoint step-5 .*complete steps: none"):
+        manager.load()
+    manager.save(2)
+    with pytest.raises(ConfigError, match=r"complete steps: 2"):
+        manager.load()
+
+
+def test_checkpoint_of_another_model_shape_names_the_mismatched_tensors(tmp_path):
+    _manager(tmp_path, _training()).save(1)
+    wider = _training(args=tiny_args(vocab_size=256))
+    with pytest.raises(UserError) as error:
+        _manager(tmp_path, wider).load()
+    message = str(error.value)
+    assert "tok_embeddings.weight: checkpoint (128, 64) vs model (256, 64)" in message
+    assert "output.weight: checkpoint (128, 64) vs model (256, 64)" in message
+
+
+def test_unwritable_checkpoint_folder_fails_at_construction(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="not writable"):
+        _manager(blocker, _training())
+
+
+def test_disabled_manager_neither_saves_nor_loads(tmp_path):
+    manager = _manager(tmp_path, _training(), enable=False)
+    assert not manager.save(1, last=True) and manager.load() == 0
+    assert not os.path.exists(tmp_path / "checkpoint")

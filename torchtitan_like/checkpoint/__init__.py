@@ -1,0 +1,10 @@
+"""Distributed checkpointing (DCP): atomic saves, resume, resharding, and Hugging Face conversion.
+
+See docs/checkpoint.md. The trainer uses `CheckpointManager`; `hf_convert` is the command line for
+importing and exporting Hugging Face Llama weights.
+"""
+
+from torchtitan_like.checkpoint.manager import CheckpointManager, create_seed_checkpoint
+from torchtitan_like.checkpoint.state import TrainState
+
+__all__ = ["CheckpointManager", "TrainState", "create_seed_checkpoint"]

@@ -1,0 +1,192 @@
+"""Checkpoint folders on disk: naming, atomic commit, discovery of complete checkpoints, retention.
+
+Layout under the checkpoint root (`<job.dump_folder>/<checkpoint.folder>`):
+
+    step-100/              a complete checkpoint: DCP files plus the completion marker
+        .metadata          DCP's index of every saved tensor
+        __0_0.distcp ...   one data file per writing rank
+        .complete          JSON marker: step, world size, time, model_only, files and their sizes
+    step-200.tmp/          a save in progress (or a crashed one): never loaded
+
+A save writes into `step-N.tmp`; once every rank has finished writing, rank 0 writes `.complete`
+(listing each file with its size) and renames the folder to `step-N`. A rename within one file system
+is atomic, so a reader sees either no `step-N` or a complete one. Loading still re-checks the marker
+and the sizes, which catches folders copied half-way or damaged later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+
+from torchtitan_like.errors import ConfigError, DataError
+
+COMPLETE_MARKER = ".complete"
+TMP_SUFFIX = ".tmp"
+_STEP_FOLDER = re.compile(r"^step-(\d+)$")
+_TMP_FOLDER = re.compile(r"^step-(\d+)\.tmp$")
+
+
+@dataclass(frozen=True)
+class CheckpointFolder:
+    step: int
+    path: str
+    marker: dict
+
+    @property
+    def model_only(self) -> bool:
+        return bool(self.marker.get("model_only", False))
+
+
+def step_folder(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step}")
+
+
+def tmp_folder(root: str, step: int) -> str:
+    return step_folder(root, step) + TMP_SUFFIX
+
+
+def ensure_writable(root: str) -> None:
+    """Create `root` and a probe file in it, so an unwritable folder fails before training starts."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as probe_file:
+            probe_file.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(f"checkpoint folder {root!r} is not writable ({error.strerror or error}); set "
+                          f"job.dump_folder / checkpoint.folder to a writable location") from error
+
+
+def _fsync_folder(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp_path: str, final_path: str, step: int, world_size: int, model_only: bool) -> None:
+    """Rank 0, after all ranks finished writing: write the marker, then rename tmp -> final."""
+    files = {}
+    for name in sorted(os.listdir(tmp_path)):
+        full = os.path.join(tmp_path, name)
+        if os.path.isfile(full) and name != COMPLETE_MARKER:
+            files[name] = os.path.getsize(full)
+    marker = {"step": step, "world_size": world_size, "time": time.time(), "model_only": model_only, "files": files}
+    marker_path = os.path.join(tmp_path, COMPLETE_MARKER)
+    with open(marker_path, "w") as marker_file:
+        json.dump(marker, marker_file, indent=1)
+        marker_file.flush()
+        os.fsync(marker_file.fileno())
+    _fsync_folder(tmp_path)
+    if os.path.exists(final_path):
+        # Saving a step again (e.g. the final model-only save at an interval step): move the old
+        # one aside first so the new one still appears with a single rename.
+        replaced = final_path + ".replaced" + TMP_SUFFIX
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final_path, replaced)
+        os.rename(tmp_path, final_path)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.rename(tmp_path, final_path)
+    _fsync_folder(os.path.dirname(final_path))
+
+
+def check_complete(path: str) -> dict:
+    """The marker of a complete checkpoint folder; DataError saying what is wrong otherwise."""
+    from torchtitan_like.checkpoint.safe_storage import read_metadata
+
+    marker_path = os.path.join(path, COMPLETE_MARKER)
+    if not os.path.isfile(marker_path):
+        raise DataError(f"{path}: no {COMPLETE_MARKER} marker (the save did not finish)")
+    try:
+        with open(marker_path) as marker_file:
+            marker = json.load(marker_file)
+        files = dict(marker["files"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path}: unreadable {COMPLETE_MARKER} marker ({error})") from error
+    for name, size in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise DataError(f"{path}: file {name} listed in the marker is missing")
+        if os.path.getsize(full) != size:
+            raise DataError(f"{path}: file {name} has {os.path.getsize(full)} bytes, the marker says {size}")
+    read_metadata(path)
+    return marker
+
+
+def _step_folders(root: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_FOLDER.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def complete_checkpoints(root: str, warn: bool = True) -> list[CheckpointFolder]:
+    """Complete checkpoints under `root`, oldest first; incomplete or damaged ones are skipped with a
+    warning that names them. Save-in-progress folders (`step-N.tmp`) are never considered."""
+    complete = []
+    for step, path in _step_folders(root):
+        try:
+            complete.append(CheckpointFolder(step, path, check_complete(path)))
+        except DataError as error:
+            if warn:
+                warnings.warn(f"skipping incomplete or corrupt checkpoint {error}", stacklevel=2)
+    return complete
+
+
+def resolve_checkpoint(path: str) -> CheckpointFolder:
+    """A checkpoint given by the user: a step folder itself, or a root holding step folders (newest)."""
+    if not os.path.isdir(path):
+        raise DataError(f"checkpoint path {path!r} does not exist or is not a folder")
+    if os.path.isfile(os.path.join(path, COMPLETE_MARKER)) or os.path.isfile(os.path.join(path, ".metadata")):
+        marker = check_complete(path)
+        match = _STEP_FOLDER.match(os.path.basename(os.path.normpath(path)))
+        return CheckpointFolder(int(marker.get("step", match.group(1) if match else 0)), path, marker)
+    found = complete_checkpoints(path)
+    if not found:
+        raise DataError(f"{path!r} holds no complete checkpoint (expected step-N folders with a "
+                        f"{COMPLETE_MARKER} marker, or a step folder itself)")
+    return found[-1]
+
+
+def remove_stale_tmp(root: str) -> list[str]:
+    """Rank 0 at start-up, before any save of this run: delete `step-N.tmp` folders of crashed saves."""
+    removed = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if _TMP_FOLDER.match(name) or name.endswith(".replaced" + TMP_SUFFIX):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
+def apply_retention(root: str, keep_latest_k: int) -> list[str]:
+    """Delete complete checkpoints older than the newest `keep_latest_k`; 0 keeps all.
+
+    Only complete folders are counted and deleted: an incomplete one may be a save in progress or
+    evidence of a crash worth inspecting, and the newest complete checkpoint is always kept.
+    """
+    if keep_latest_k <= 0:
+        return []
+    complete = complete_checkpoints(root, warn=False)
+    doomed = complete[:-keep_latest_k] if len(complete) > keep_latest_k else []
+    for folder in doomed:
+        shutil.rmtree(folder.path, ignore_errors=True)
+    return [folder.path for folder in doomed]

@@ -1,0 +1,215 @@
+"""Convert between Hugging Face Llama folders and our DCP checkpoints.
+
+    python -m torchtitan_like.checkpoint.hf_convert import --hf HF_FOLDER --output CKPT_FOLDER
+    python -m torchtitan_like.checkpoint.hf_convert export --checkpoint CKPT_FOLDER \
+        (--config TRAIN.toml | --flavor NAME) --output HF_FOLDER [--dtype bfloat16]
+
+`import` reads `config.json` and the `*.safetensors` weights (sharded through
+`model.safetensors.index.json` too) and writes a model-only DCP checkpoint `CKPT_FOLDER/step-0` that
+`checkpoint.initial_load_path` can point to. `export` reads the newest complete checkpoint under
+CKPT_FOLDER (or the step folder given), takes the architecture from the training config or flavor
+(the vocabulary size from the checkpoint itself), and writes `config.json` plus `model.safetensors`
+(several shards and an index above `--max-shard-bytes`). Runs on one process, on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from torchtitan_like.checkpoint import folders
+from torchtitan_like.checkpoint.manager import EXPORT_DTYPES, check_model_shapes
+from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from torchtitan_like.errors import USER_ERROR_EXIT_CODE, ConfigError, DataError, UserError
+from torchtitan_like.models import get_model_spec
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _meta_model_state(model_name: str, args) -> dict[str, torch.Tensor]:
+    """Shapes of the model these args build (meta device: no memory)."""
+    spec = get_model_spec(model_name)
+    with torch.device("meta"):
+        return spec.model_cls(args).state_dict()
+
+
+def read_dcp_model(checkpoint_path: str) -> tuple[folders.CheckpointFolder, dict[str, torch.Tensor]]:
+    """The full (unsharded) model tensors of a checkpoint, read on this one process."""
+    folder = folders.resolve_checkpoint(checkpoint_path)
+    metadata = read_metadata(folder.path)
+    prefix = "model."
+    state = {key[len(prefix):]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+             for key, entry in metadata.state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
+    if not state:
+        raise DataError(f"checkpoint {folder.path} holds no model tensors")
+    loaded = {"model": state}
+    dcp.load(loaded, storage_reader=SafeFileSystemReader(folder.path), planner=SafeLoadPlanner(), no_dist=True)
+    return folder, loaded["model"]
+
+
+def write_dcp_model(state: dict[str, torch.Tensor], output_root: str, step: int = 0) -> str:
+    """A model-only complete checkpoint `output_root/step-<step>` written from this process."""
+    folders.ensure_writable(output_root)
+    tmp_path, final_path = folders.tmp_folder(output_root, step), folders.step_folder(output_root, step)
+    dcp.save({"model": state}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    folders.commit(tmp_path, final_path, step=step, world_size=1, model_only=True)
+    return final_path
+
+
+def _read_safetensors(hf_folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index_path = os.path.join(hf_folder, SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+        with open(index_path) as index_file:
+            files = sorted(set(json.load(index_file)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(hf_folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        files = sorted(name for name in os.listdir(hf_folder) if name.endswith(".safetensors"))
+    if not files:
+        raise DataError(f"{hf_folder}: no model.safetensors, {SAFETENSORS_INDEX} or *.safetensors files "
+                        f"(PyTorch .bin weights are not read: they need unpickling)")
+    state = {}
+    for name in files:
+        path = os.path.join(hf_folder, name)
+        if not os.path.isfile(path):
+            raise DataError(f"{hf_folder}: shard {name} listed in {SAFETENSORS_INDEX} is missing")
+        state.update(load_file(path))
+    return state
+
+
+def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> str:
+    config_path = os.path.join(hf_folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise DataError(f"{hf_folder}: no config.json (expected a Hugging Face model folder)")
+    with open(config_path) as config_file:
+        hf_config = json.load(config_file)
+    spec = get_model_spec(model_name)
+    # The adapter's module holds the config helpers (`hf_config`, `args_from_hf_config`) next to it.
+    args = _adapter_module(model_name).args_from_hf_config(hf_config)
+    state = spec.state_dict_adapter(args).from_hf(_read_safetensors(hf_folder))
+    expected = _meta_model_state(model_name, args)
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise DataError(f"{hf_folder}: weights not in the model built from config.json: {', '.join(unexpected[:20])}")
+    for name, meta in expected.items():
+        if name not in state:
+            raise DataError(f"{hf_folder}: weight for {name} is missing")
+        if tuple(state[name].shape) != tuple(meta.shape):
+            raise DataError(f"{hf_folder}: {name} has shape {tuple(state[name].shape)}, config.json implies "
+                            f"{tuple(meta.shape)}")
+    state = {name: value.to(torch.float32).contiguous() for name, value in state.items()}
+    if args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return write_dcp_model(state, output_root)
+
+
+def _adapter_module(model_name: str):
+    import importlib
+
+    return importlib.import_module(get_model_spec(model_name).state_dict_adapter.__module__)
+
+
+def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = "llama3", dtype: str = "float32",
+              max_shard_bytes: int = 5 * 1024**3) -> list[str]:
+    """Write `config.json` and safetensors for the model of a checkpoint; returns the weight files.
+
+    `args` is the model's architecture; a vocab_size <= 0 is taken from the checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    folder, state = read_dcp_model(checkpoint_path)
+    if "tok_embeddings.weight" not in state:
+        raise DataError(f"checkpoint {folder.path} has no tok_embeddings.weight: not a Llama checkpoint")
+    if args.vocab_size <= 0:
+        args.vocab_size = int(state["tok_embeddings.weight"].shape[0])
+    check_model_shapes(_meta_model_state(model_name, args), read_metadata(folder.path), folder.path)
+    adapter = get_model_spec(model_name).state_dict_adapter(args)
+    hf_state = {name: value.to(EXPORT_DTYPES[dtype]).contiguous() for name, value in adapter.to_hf(state).items()}
+    folders.ensure_writable(output_folder)
+    with open(os.path.join(output_folder, "config.json"), "w") as config_file:
+        json.dump(_adapter_module(model_name).hf_config(args, dtype), config_file, indent=2)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, value in hf_state.items():
+        size = value.numel() * value.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = value
+        shard_bytes += size
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(output_folder, "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(output_folder, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    total = sum(value.numel() * value.element_size() for value in hf_state.values())
+    with open(os.path.join(output_folder, SAFETENSORS_INDEX), "w") as index_file:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, index_file, indent=2)
+    return names
+
+
+def _model_and_args(options):
+    if options.config:
+        from torchtitan_like.config.manager import load_config
+
+        config, _ = load_config(["--config", options.config])
+        model_name, flavor, vocab_size = config.model.name, config.model.flavor, config.model.vocab_size
+    elif options.flavor:
+        model_name, flavor, vocab_size = options.model, options.flavor, -1
+    else:
+        raise ConfigError("export needs the architecture: --config TRAIN.toml or --flavor NAME")
+    args = get_model_spec(model_name).args_for(flavor)
+    args.vocab_size = vocab_size  # -1: read from the checkpoint
+    return model_name, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torchtitan_like.checkpoint.hf_convert",
+                                     description="Convert Llama weights between Hugging Face and DCP checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_dcp = commands.add_parser("import", help="Hugging Face folder -> DCP checkpoint (step-0, model only)")
+    to_dcp.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
+    to_dcp.add_argument("--output", required=True, help="checkpoint folder to create (step-0 is written inside)")
+    to_dcp.add_argument("--model", default="llama3", help="registered model name")
+    to_hf = commands.add_parser("export", help="DCP checkpoint -> Hugging Face folder")
+    to_hf.add_argument("--checkpoint", required=True, help="checkpoint folder (newest complete step) or a step folder")
+    to_hf.add_argument("--config", default="", help="training TOML giving model.name and model.flavor")
+    to_hf.add_argument("--flavor", default="", help="model flavor, instead of --config")
+    to_hf.add_argument("--model", default="llama3", help="registered model name (with --flavor)")
+    to_hf.add_argument("--output", required=True, help="Hugging Face folder to write")
+    to_hf.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES))
+    to_hf.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3, help="split safetensors above this size")
+    options = parser.parse_args(argv)
+    # One process on purpose: DCP's "assuming single process" notice is noise here.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    try:
+        if options.command == "import":
+            path = import_hf(options.hf, options.output, options.model)
+            print(f"wrote {path}; point checkpoint.initial_load_path at {options.output}")
+        else:
+            model_name, args = _model_and_args(options)
+            files = export_hf(options.checkpoint, options.output, args, model_name, options.dtype,
+                              options.max_shard_bytes)
+            print(f"wrote config.json and {', '.join(files)} to {options.output}")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

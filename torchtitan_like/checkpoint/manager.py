@@ -1,0 +1,307 @@
+"""`CheckpointManager`: save and resume the whole training state with torch.distributed.checkpoint.
+
+How the trainer uses it (every rank, same calls in the same order):
+
+    checkpointer = CheckpointManager(config.checkpoint, config.job.dump_folder, model_parts, optimizer,
+                                     lr_scheduler, dataloader, extra_states={"train_state": train_state},
+                                     dp_rank=parallel_dims.dp_rank)   # constructor: checks the folder
+    step = checkpointer.load()          # 0 when nothing to resume; else the restored step
+    for step in range(step + 1, steps + 1):
+        ...train one step...
+        checkpointer.save(step, last=(step == steps))   # saves only when due (interval) or last
+        checkpointer.maybe_wait(block=False)            # optional: commit a finished async save early
+    checkpointer.close()                # waits for an in-flight async save and commits it
+
+`save` writes into `step-N.tmp` and commits atomically (folders.py); `load` picks the newest complete
+checkpoint, skipping incomplete ones with a warning. Model, optimizer, LR scheduler, dataloader
+position (per data-parallel rank), RNG states (per rank) and every `extra_states` entry are saved; the
+final save is model-only in `checkpoint.export_dtype` when `last_save_model_only` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.stateful import Stateful
+
+from torchtitan_like.checkpoint import folders
+from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from torchtitan_like.checkpoint.state import DataloaderState, ModelState, OptimizerState, RNGState
+from torchtitan_like.errors import ConfigError, UserError, did_you_mean
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "rng")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier(group=None) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def check_model_shapes(model_state: dict[str, torch.Tensor], metadata: Metadata, checkpoint_path: str,
+                       prefix: str = "model.") -> None:
+    """UserError naming every model tensor that is missing from the checkpoint or has another shape."""
+    saved = metadata.state_dict_metadata
+    missing, mismatched = [], []
+    for name, value in model_state.items():
+        entry = saved.get(prefix + name)
+        if not isinstance(entry, TensorStorageMetadata):
+            missing.append(name)
+        elif tuple(entry.size) != tuple(value.shape):
+            mismatched.append(f"{name}: checkpoint {tuple(entry.size)} vs model {tuple(value.shape)}")
+    if not missing and not mismatched:
+        return
+    lines = [f"checkpoint {checkpoint_path} does not fit the model (different model config or flavor?)"]
+    if mismatched:
+        lines.append(f"{len(mismatched)} tensor(s) of another shape:\n  " + "\n  ".join(mismatched[:20]))
+    if missing:
+        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: " + ", ".join(missing[:20]))
+    raise UserError("\n".join(lines))
+
+
+def _fit_to_checkpoint(template: dict, metadata: Metadata, prefix: str, what: str) -> dict:
+    """Size plain tensors of a load template after the checkpoint (blobs and loss histories vary in
+    length) and drop entries the checkpoint lacks (e.g. the RNG state of a rank that did not exist)."""
+    fitted = {}
+    for key, value in template.items():
+        fqn = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            if value and not any(saved.startswith(fqn + ".") for saved in metadata.state_dict_metadata):
+                warnings.warn(f"checkpoint has no {fqn}: {what} keeps its current value", stacklevel=3)
+                continue
+            fitted[key] = _fit_to_checkpoint(value, metadata, fqn, what)
+            continue
+        entry = metadata.state_dict_metadata.get(fqn)
+        if entry is None:
+            warnings.warn(f"checkpoint has no {fqn}: {what} keeps its current value", stacklevel=3)
+            continue
+        if isinstance(value, torch.Tensor) and isinstance(entry, TensorStorageMetadata) and not hasattr(value, "placements"):
+            if tuple(value.shape) != tuple(entry.size) or value.dtype != entry.properties.dtype:
+                value = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        fitted[key] = value
+    return fitted
+
+
+class CheckpointManager:
+    """Saves and loads the training state of this rank; see the module docstring for the call order."""
+
+    def __init__(self, checkpoint_config, dump_folder: str, model_parts: nn.Module | Sequence[nn.Module],
+                 optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+                 lr_scheduler: Any = None, dataloader: Any = None, extra_states: dict[str, Stateful] | None = None,
+                 *, dp_rank: int | None = None, process_group: dist.ProcessGroup | None = None):
+        self.config = checkpoint_config
+        self.enabled = bool(checkpoint_config.enable)
+        self.root = os.path.join(dump_folder, checkpoint_config.folder)
+        parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+        self.model = ModelState(parts)
+        self.optimizer = OptimizerState(parts, optimizer) if optimizer is not None else None
+        self.lr_scheduler = lr_scheduler
+        self.rank, self.world_size = _rank(), _world_size()
+        self.dataloader = DataloaderState(dataloader, self.rank if dp_rank is None else dp_rank) if dataloader is not None else None
+        self.rng = RNGState(self.rank)
+        self.extra_states = dict(extra_states or {})
+        self.process_group = process_group
+        self._pending: tuple[Any, int, str, str, bool] | None = None
+        self._async_group = None
+
+        for name in self.extra_states:
+            if name in BUILTIN_STATES:
+                raise ConfigError(f"extra_states key {name!r} clashes with a built-in checkpoint state "
+                                  f"({', '.join(BUILTIN_STATES)})")
+        known = list(BUILTIN_STATES) + list(self.extra_states)
+        for name in checkpoint_config.exclude_from_loading:
+            if name not in known or name == "model":
+                raise ConfigError(f"checkpoint.exclude_from_loading: {name!r} is not an excludable state"
+                                  f"{did_you_mean(name, known)}; states: {', '.join(known[1:])}")
+        if checkpoint_config.export_dtype not in EXPORT_DTYPES:
+            raise ConfigError(f"checkpoint.export_dtype = {checkpoint_config.export_dtype!r}; allowed: "
+                              f"{', '.join(EXPORT_DTYPES)}")
+        if not self.enabled:
+            return
+        folders.ensure_writable(self.root)  # every rank: ranks may not share one file system
+        if self.rank == 0:
+            for name in folders.remove_stale_tmp(self.root):
+                warnings.warn(f"removed {name} left by an earlier save that did not finish", stacklevel=2)
+        if checkpoint_config.async_mode != "disabled" and dist.is_available() and dist.is_initialized():
+            # A separate gloo group: the background save thread must not share a communicator with
+            # the training collectives (ordering), and DCP's async save needs a CPU backend.
+            self._async_group = dist.new_group(backend="gloo")
+        _barrier(self.process_group)
+
+    # ------------------------------------------------------------------------------------ saving
+    def should_save(self, step: int, last: bool = False) -> bool:
+        return self.enabled and (last or step % self.config.interval == 0)
+
+    def _full_state(self, skip: set[str] = frozenset()) -> dict[str, Any]:
+        """Every state to save, or the load templates of those not in `skip` (templates are not
+        built for skipped states: building the optimizer's initializes its state)."""
+        states: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler,
+                                  "dataloader": self.dataloader, "rng": self.rng, **self.extra_states}
+        return {name: stateful.state_dict() for name, stateful in states.items()
+                if stateful is not None and name not in skip}
+
+    def save(self, step: int, last: bool = False) -> bool:
+        """Save when due (every `interval` steps, or `last`); returns whether a save started.
+
+        The last save is synchronous (the process is about to exit) and model-only in
+        `export_dtype` when `last_save_model_only` is set.
+        """
+        if not self.should_save(step, last):
+            return False
+        self.maybe_wait()
+        model_only = last and self.config.last_save_model_only
+        if model_only:
+            state = {"model": self.model.state_dict(dtype=EXPORT_DTYPES[self.config.export_dtype])}
+        else:
+            state = self._full_state()
+        tmp_path, final_path = folders.tmp_folder(self.root, step), folders.step_folder(self.root, step)
+        if self.config.async_mode != "disabled" and not last:
+            writer = FileSystemWriter(tmp_path, cache_staged_state_dict=self._use_pinned_memory())
+            response = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
+            future = getattr(response, "upload_completion", response)
+            self._pending = (future, step, tmp_path, final_path, model_only)
+            return True
+        dcp.save(state, storage_writer=FileSystemWriter(tmp_path), process_group=self.process_group)
+        _barrier(self.process_group)
+        if self.rank == 0:
+            self._commit(step, tmp_path, final_path, model_only)
+        _barrier(self.process_group)
+        return True
+
+    def _use_pinned_memory(self) -> bool:
+        if self.config.async_mode != "async_with_pinned_mem":
+            return False
+        if not torch.cuda.is_available():
+            warnings.warn("checkpoint.async_mode = 'async_with_pinned_mem' needs CUDA; saving asynchronously "
+                          "without pinned memory", stacklevel=3)
+            return False
+        return True
+
+    def _commit(self, step: int, tmp_path: str, final_path: str, model_only: bool) -> None:
+        folders.commit(tmp_path, final_path, step, self.world_size, model_only)
+        folders.apply_retention(self.root, self.config.keep_latest_k)
+
+    def maybe_wait(self, block: bool = True) -> None:
+        """Finish an in-flight async save: wait for it (or, with block=False, only if it is done)
+        and commit it on rank 0.
+
+        Rank 0's save completes only after DCP has gathered every rank's write results and written
+        the metadata, so rank 0 may commit without another collective (which could otherwise
+        interleave with training collectives).
+        """
+        if self._pending is None:
+            return
+        future, step, tmp_path, final_path, model_only = self._pending
+        if not block and not future.done():
+            return
+        self._pending = None
+        future.result()
+        if self.rank == 0:
+            self._commit(step, tmp_path, final_path, model_only)
+
+    def close(self) -> None:
+        """Wait for and commit any in-flight async save; call once before the process exits."""
+        self.maybe_wait()
+        if self._async_group is not None:
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
+    # ----------------------------------------------------------------------------------- loading
+    def load(self, step: int = -1) -> int:
+        """Restore the newest complete checkpoint (or `step`, or `checkpoint.load_step`).
+
+        Returns the restored step, 0 when there is nothing to resume. When the run's folder has no
+        checkpoint, `initial_load_path` (if set) initializes the model (and, unless
+        `initial_load_model_only`, the rest) and 0 is returned for a model-only initialization.
+        """
+        if not self.enabled:
+            return 0
+        self.maybe_wait()
+        requested = step if step >= 0 else self.config.load_step
+        found = folders.complete_checkpoints(self.root)
+        if requested >= 0:
+            matches = [folder for folder in found if folder.step == requested]
+            if not matches:
+                available = ", ".join(str(folder.step) for folder in found) or "none"
+                raise ConfigError(f"checkpoint.load_step = {requested}: no complete checkpoint step-{requested} "
+                                  f"in {self.root} (complete steps: {available})")
+            folder = matches[0]
+        elif found:
+            folder = found[-1]
+        elif self.config.initial_load_path:
+            folder = folders.resolve_checkpoint(self.config.initial_load_path)
+            model_only = self.config.initial_load_model_only or folder.model_only
+            self._load_folder(folder, model_only)
+            return 0 if model_only else folder.step
+        else:
+            return 0
+        if folder.model_only and folder.step > 0:
+            warnings.warn(f"{folder.path} holds model weights only: optimizer, scheduler and data "
+                          f"position start fresh", stacklevel=2)
+        self._load_folder(folder, folder.model_only)
+        return folder.step
+
+    def _load_folder(self, folder: folders.CheckpointFolder, model_only: bool) -> None:
+        metadata = read_metadata(folder.path)
+        excluded = set(self.config.exclude_from_loading)
+        model_state = self.model.state_dict()
+        check_model_shapes(model_state, metadata, folder.path)
+        state: dict[str, Any] = {"model": model_state}
+        if not model_only:
+            for name, value in self._full_state(skip=excluded | {"model"}).items():
+                if name in ("optimizer", "lr_scheduler"):
+                    state[name] = value
+                else:
+                    state[name] = _fit_to_checkpoint(value, metadata, name, name)
+        dcp.load(state, storage_reader=SafeFileSystemReader(folder.path), planner=SafeLoadPlanner(),
+                 process_group=self.process_group)
+        self.model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if "dataloader" in state:
+            if self.dataloader.key in state["dataloader"]:
+                self.dataloader.load_state_dict(state["dataloader"])
+            else:
+                warnings.warn(f"{folder.path} has no dataloader state for {self.dataloader.key} (the "
+                              f"data-parallel degree changed?): its data starts from the beginning", stacklevel=3)
+        if "rng" in state and self.rng.key in state["rng"]:
+            self.rng.load_state_dict(state["rng"])
+        for name, stateful in self.extra_states.items():
+            if name in state:
+                stateful.load_state_dict(state[name])
+
+
+def create_seed_checkpoint(checkpoint_config, dump_folder: str, model_parts: nn.Module | Sequence[nn.Module]) -> str:
+    """Write the freshly initialized model as a model-only `step-0` from one process.
+
+    Every parallel plan can load it: DCP reshards the full tensors into whatever layout the loading
+    run uses, and `load()` restores only the model from a model-only checkpoint. Returns its folder.
+    """
+    if _world_size() != 1:
+        raise ConfigError("checkpoint.create_seed_checkpoint runs on a single process; launch it with "
+                          "one rank (e.g. NGPU=1) and all parallelism degrees 1")
+    root = os.path.join(dump_folder, checkpoint_config.folder)
+    folders.ensure_writable(root)
+    parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
+    tmp_path, final_path = folders.tmp_folder(root, 0), folders.step_folder(root, 0)
+    dcp.save({"model": ModelState(parts).state_dict()}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    folders.commit(tmp_path, final_path, step=0, world_size=1, model_only=True)
+    return final_path
