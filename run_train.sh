@@ -1,15 +1,43 @@
 #!/usr/bin/env bash
-# Single-node launch: NGPU processes with torchrun, extra arguments passed to the trainer.
+# Single-node launch: NGPU processes with torchrun; extra arguments go to the trainer.
+#
 #   NGPU=8 CONFIG_FILE=train_configs/llama3_8b.toml ./run_train.sh --training.steps 100
-# LOG_RANK picks which ranks' output is shown (torchrun --local-ranks-filter), default 0.
+#
+# Environment:
+#   NGPU         processes (GPUs) on this node, default 1 (on a CPU-only machine: CPU processes, gloo)
+#   CONFIG_FILE  training TOML, default ./train_configs/debug_model.toml
+#   LOG_RANK     ranks whose output is shown, e.g. 0 or 0,7 (torchrun --local-ranks-filter), default 0
+#   DRY_RUN=1    print the torchrun command instead of running it
+# Multi-node runs: multinode_trainer.slurm (Slurm), see docs/operations.md.
 set -euo pipefail
 
 NGPU=${NGPU:-1}
 CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
-# Fewer fragmentation OOMs on long runs (no effect on CPU).
+DRY_RUN=${DRY_RUN:-0}
+
+if ! [[ "${NGPU}" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: NGPU=${NGPU}: must be a positive integer (processes on this node)" >&2
+  exit 2
+fi
+if [[ ! -f "${CONFIG_FILE}" ]]; then
+  echo "error: CONFIG_FILE=${CONFIG_FILE}: no such file (see train_configs/)" >&2
+  exit 2
+fi
+
+# Freed blocks of different sizes can be merged: fewer fragmentation OOMs on long runs with varying
+# shapes. No effect on CPU.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
-exec torchrun --nproc-per-node="${NGPU}" --rdzv-backend c10d --rdzv-endpoint="localhost:0" \
-  --local-ranks-filter "${LOG_RANK}" --role rank --tee 3 \
-  -m torchtitan_like.train --config "${CONFIG_FILE}" "$@"
+# c10d rendezvous on localhost port 0: torchrun picks a free port, so two jobs on one node do not
+# collide. --tee 3 keeps every rank's stdout and stderr in torchrun's log folder as well.
+command=(torchrun --nproc-per-node="${NGPU}" --rdzv-backend=c10d --rdzv-endpoint="localhost:0"
+  --local-ranks-filter="${LOG_RANK}" --role=rank --tee=3
+  -m torchtitan_like.train --config "${CONFIG_FILE}" "$@")
+
+if [[ "${DRY_RUN}" == "1" ]]; then
+  printf '%q ' "${command[@]}"
+  printf '\n'
+  exit 0
+fi
+exec "${command[@]}"

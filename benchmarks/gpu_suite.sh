@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project in one run, for a short lease on one H100/H200.
+# Sections run under their own time limits, so one failure does not stop the rest; logs land in
+# $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
+#   bash benchmarks/gpu_suite.sh               # ours only
+#   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
+# Knobs: SUITE_SKIP (names: rmsnorm float8 train_bf16 train_bf16_torchnorm train_fp8), SUITE_STEPS (25).
+set -u
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+LOGS=${OUT:-/tmp/gpu_suite}
+mkdir -p "$LOGS"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+STEPS=${SUITE_STEPS:-25}
+SKIP=" ${SUITE_SKIP:-} "
+SUMMARY=$LOGS/ours_summary.md
+: >"$SUMMARY"
+
+section() {  # section NAME LIMIT_SECONDS CMD...
+  local name=$1 limit=$2
+  shift 2
+  if [[ "$SKIP" == *" $name "* ]]; then echo "[suite] $name skipped"; return 0; fi
+  local t0=$SECONDS
+  echo "[suite] $name: start (limit ${limit}s)"
+  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "[suite] $name: rc=$rc after $(( SECONDS - t0 ))s"
+  { echo "### $name (rc=$rc, $(( SECONDS - t0 ))s)"; grep -E '^\|' "$LOGS/$name.log"; echo; } >>"$SUMMARY"
+  (( rc != 0 )) && tail -n 25 "$LOGS/$name.log"
+  return 0
+}
+
+python3 -c 'import torch, triton; print("[suite] torch", torch.__version__, "triton", triton.__version__,
+  "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")'
+
+section rmsnorm 100 python3 benchmarks/bench_rmsnorm.py --json "$LOGS/rmsnorm.json"
+section float8 130 python3 benchmarks/bench_float8.py --json "$LOGS/float8.json"
+BENCH=(python3 benchmarks/throughput.py --config train_configs/llama3_8b_8layers_bench.toml --steps "$STEPS" --warmup 8)
+section train_bf16 150 "${BENCH[@]}" --label "bf16 triton-rmsnorm" --json "$LOGS/train_bf16.json" \
+  --model.norm_type triton_rmsnorm
+section train_fp8 150 "${BENCH[@]}" --label "float8 tensorwise" --json "$LOGS/train_fp8.json" \
+  --model.norm_type triton_rmsnorm --float8.enable --float8.recipe_name tensorwise
+section train_bf16_torchnorm 150 "${BENCH[@]}" --label "bf16 torch-rmsnorm" --json "$LOGS/train_bf16_torchnorm.json"
+
+echo "[suite] summary"
+cat "$SUMMARY"

@@ -1,0 +1,82 @@
+"""Training throughput of a named config: tokens/s per device, MFU and peak memory.
+
+    python benchmarks/throughput.py --config train_configs/llama3_8b_8layers_bench.toml \
+        [--steps 30] [--warmup 10] [--json out.json] [--section.key value ...]
+
+Builds the real `Trainer` from the config (plus overrides), runs `--warmup` untimed steps (compile,
+allocator warm-up), then times each further optimizer step with the device synchronized and reports
+the median. Prints a one-row markdown table. Run it on one process, or under torchrun for a
+multi-GPU plan (numbers are per device; rank 0 prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=30, help="total optimizer steps (warmup included)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before measuring")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--label", default="torchtitan_like")
+    args, overrides = parser.parse_known_args(argv)
+
+    from torchtitan_like.config import load_config
+    from torchtitan_like.logging import init_logger
+    from torchtitan_like.trainer import Trainer
+
+    init_logger()
+    config, _ = load_config(["--config", args.config, "--training.steps", str(args.steps), *overrides])
+    trainer = Trainer(config)
+    device = trainer.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    iterator = iter(trainer.dataloader)
+    tokens_per_step = config.training.local_batch_size * config.training.seq_len * trainer.grad_accum_steps
+    step_times, losses = [], []
+    for step in range(1, args.steps + 1):
+        sync()
+        start = time.perf_counter()
+        loss, _, _ = trainer.train_step(iterator)
+        losses.append(loss.item())  # .item() synchronizes, as the trainer's logging does
+        sync()
+        if step > args.warmup:
+            step_times.append(time.perf_counter() - start)
+        trainer.step = step
+    median = statistics.median(step_times) if step_times else float("nan")
+    tokens_per_second = tokens_per_step / median
+    flops = trainer.model_args.flops_per_token(config.training.seq_len)
+    peak = trainer.metrics.peak_flops
+    mfu = 100.0 * tokens_per_second * flops / peak if peak else None
+    memory_gib = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+    result = {"label": args.label, "config": args.config, "overrides": overrides, "device": _device_name(device),
+              "torch": torch.__version__, "tokens_per_second": tokens_per_second, "mfu_pct": mfu,
+              "peak_memory_gib": memory_gib, "median_step_s": median, "timed_steps": len(step_times),
+              "first_loss": losses[0], "last_loss": losses[-1]}
+    if trainer.rank == 0:
+        print("| label | device | tokens/s/device | MFU % | peak mem GiB | median step s | loss first->last |")
+        print("|---|---|---|---|---|---|---|")
+        mfu_text = f"{mfu:.1f}" if mfu is not None else "n/a"
+        memory_text = f"{memory_gib:.1f}" if memory_gib is not None else "n/a"
+        print(f"| {args.label} | {result['device']} | {tokens_per_second:,.0f} | {mfu_text} | {memory_text} | "
+              f"{median:.4f} | {losses[0]:.3f}->{losses[-1]:.3f} |")
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(result, handle, indent=1)
+    trainer.close()
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

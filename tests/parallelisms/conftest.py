@@ -1,0 +1,41 @@
+"""Runs each world size's plans once per test session (see harness.py) and hands out results."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.parallelisms.harness import PLANS, assert_same_training, launch_world, load_results
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process parity run (still part of CI)")
+
+
+@pytest.fixture(scope="session")
+def plan_results(tmp_path_factory):
+    """plan_results(name) -> (losses, params) of that plan from `PLANS`."""
+    launched: dict[int, str] = {}
+
+    def results(name: str) -> tuple:
+        nproc = PLANS[name].nproc
+        if nproc not in launched:
+            out_dir = str(tmp_path_factory.mktemp(f"world{nproc}"))
+            launched[nproc] = out_dir
+            launch_world(out_dir, nproc, [plan for plan, spec in PLANS.items() if spec.nproc == nproc])
+        return load_results(os.path.join(launched[nproc], name))
+
+    return results
+
+
+@pytest.fixture(scope="session")
+def assert_plan_matches_reference(plan_results):
+    """assert_plan_matches_reference(name): the plan's losses and final parameters equal the
+    single-process run on the same global batch."""
+
+    def check(name: str) -> None:
+        reference = plan_results(f"reference_batch{PLANS[name].reference_batch_size}")
+        assert_same_training(plan_results(name), reference)
+
+    return check

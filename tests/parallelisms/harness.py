@@ -1,0 +1,140 @@
+"""Parity harness: run parallel plans on N gloo ranks (torchrun, with a timeout) and compare each
+plan's per-step losses and final parameters with a single-process run of the same seed and data.
+
+Every plan is declared once in `PLANS`. Starting a process costs more than training the tiny model,
+so all plans of one world size run in one launch (`launch_world`), once per test session; each test
+then checks its own plan's results.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from tests.helpers import REPO_ROOT, free_port
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_plan.py")
+STEPS = 5
+# fp32 on CPU: parallel plans change only the order of floating-point reductions.
+RTOL = 1e-4
+ATOL = 1e-5  # for parameters that are near zero, where a relative tolerance alone is meaningless
+LAUNCH_TIMEOUT_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Plan:
+    nproc: int
+    reference_batch_size: int  # the single-process batch equal to the union of the DP batches
+    overrides: tuple[str, ...] = ()
+    local_batch_size: int = 4
+
+
+PP2 = ("--parallelism.pipeline_parallel_degree", "2")
+PLANS: dict[str, Plan] = {
+    # single-process references, then one-process plans compared against them
+    "reference_batch4": Plan(1, 4),
+    "reference_batch8": Plan(1, 8, local_batch_size=8),
+    "reference_batch16": Plan(1, 16, local_batch_size=16),
+    "grad_accumulation_2": Plan(1, 8, ("--training.global_batch_size", "8")),
+    "ac_full": Plan(1, 4, ("--activation_checkpoint.mode", "full")),
+    "ac_selective_every_2nd_layer": Plan(1, 4, ("--activation_checkpoint.mode", "selective",
+                                                "--activation_checkpoint.selective_ac_option", "2")),
+    "ac_selective_per_op": Plan(1, 4, ("--activation_checkpoint.mode", "selective",
+                                       "--activation_checkpoint.selective_ac_option", "op")),
+    # 2 processes
+    "fsdp2": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2")),
+    "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),
+    "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),
+    "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B")),
+    # 2 virtual stages per rank: 4 stages of 1 layer
+    "pp2_interleaved_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B")),
+    # uneven split (1 + 3 layers), 2 microbatches of 2 samples, 2 accumulation steps
+    "pp2_split_point_grad_accumulation": Plan(2, 8, (*PP2, "--parallelism.pipeline_parallel_split_points",
+                                                     '["layers.1"]', "--parallelism.pipeline_parallel_microbatch_size",
+                                                     "2", "--training.global_batch_size", "8")),
+    # V-shaped zero-bubble schedule: stages (0, 3) on rank 0, (1, 2) on rank 1
+    "pp2_zbv_zero_bubble": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble")),
+    # per-block compile (aot_eager: the graph capture without slow C++ codegen) over per-op AC and FSDP
+    "fsdp2_compile_selective_op_ac": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2",
+                                                 "--compile.enable", "true", "--compile.backend", "aot_eager",
+                                                 "--activation_checkpoint.mode", "selective",
+                                                 "--activation_checkpoint.selective_ac_option", "op")),
+    # 4 processes
+    "fsdp4": Plan(4, 16, ("--parallelism.data_parallel_shard_degree", "4")),
+    "hsdp_2x2": Plan(4, 16, ("--parallelism.data_parallel_replicate_degree", "2",
+                             "--parallelism.data_parallel_shard_degree", "2")),
+    "fsdp2_x_tp2": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
+                               "--parallelism.tensor_parallel_degree", "2")),
+    "fsdp2_x_tp2_no_loss_parallel": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
+                                                "--parallelism.tensor_parallel_degree", "2",
+                                                "--parallelism.disable_loss_parallel", "true")),
+    "pp2_x_fsdp2": Plan(4, 8, (*PP2, "--parallelism.data_parallel_shard_degree", "2")),
+    "pp2_x_tp2": Plan(4, 4, (*PP2, "--parallelism.tensor_parallel_degree", "2")),
+    # 8 processes
+    "pp2_x_fsdp2_x_tp2": Plan(8, 8, (*PP2, "--parallelism.data_parallel_shard_degree", "2",
+                                     "--parallelism.tensor_parallel_degree", "2")),
+}
+
+
+def plan_overrides(plan: Plan) -> list[str]:
+    """A tiny debug-model run: 5 steps of local_batch_size x 32 tokens per data-parallel rank, fp32."""
+    return ["--config", os.path.join(REPO_ROOT, "train_configs", "debug_model.toml"),
+            "--training.steps", str(STEPS), "--training.seq_len", "32",
+            "--training.local_batch_size", str(plan.local_batch_size), "--training.device", "cpu",
+            "--lr_scheduler.warmup_steps", "1", "--validation.enable", "false", "--metrics.log_freq", "1",
+            "--metrics.enable_tensorboard", "false",
+            # Adam divides by sqrt(v) + eps: with the default 1e-8, an element whose gradient is a
+            # near-total cancellation (~1e-9) moves by ~lr whatever the rounding of that sum, so a
+            # different reduction order shows up as a 1e-5 parameter difference. 1e-6 keeps the
+            # comparison about the parallel plan, not about amplified rounding.
+            "--optimizer.eps", "1e-6", *plan.overrides]
+
+
+def launch_world(out_dir: str, nproc: int, plan_names: list[str]) -> None:
+    """Run the named plans on `nproc` gloo ranks in one launch; a hang or crash fails the caller."""
+    os.makedirs(out_dir, exist_ok=True)
+    spec_path = os.path.join(out_dir, "spec.json")
+    with open(spec_path, "w") as handle:
+        json.dump({"out_dir": out_dir, "plans": {name: plan_overrides(PLANS[name]) for name in plan_names}}, handle)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if nproc == 1:
+        command = [sys.executable, WORKER, spec_path]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), WORKER, spec_path]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=REPO_ROOT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
+        output, _ = process.communicate()
+        raise AssertionError(f"{nproc}-process launch timed out after {LAUNCH_TIMEOUT_SECONDS}s:\n{output[-4000:]}")
+    assert process.returncode == 0, f"{nproc}-process launch failed ({process.returncode}):\n{output[-6000:]}"
+
+
+def load_results(plan_dir: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """(rank 0's per-step losses, every parameter: the union of the ranks' stages)."""
+    losses = torch.load(os.path.join(plan_dir, "losses.pt"))
+    params: dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(plan_dir, "params_rank*.pt"))):
+        params.update(torch.load(path))
+    return losses, params
+
+
+def assert_same_training(actual: tuple, expected: tuple) -> None:
+    """Losses of every step and every final parameter equal within RTOL (and ATOL for params)."""
+    actual_losses, actual_params = actual
+    expected_losses, expected_params = expected
+    assert len(actual_losses) == STEPS
+    torch.testing.assert_close(torch.tensor(actual_losses), torch.tensor(expected_losses), rtol=RTOL, atol=0.0)
+    assert set(actual_params) == set(expected_params), set(actual_params) ^ set(expected_params)
+    for name, value in expected_params.items():
+        torch.testing.assert_close(actual_params[name], value, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")

