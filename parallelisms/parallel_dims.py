@@ -34,7 +34,8 @@ class ParallelDims:
                 raise ConfigError(
                     f"parallelism: world size {world_size} is not divisible by data_parallel_replicate_degree "
                     f"({dp_replicate}) x tensor_parallel_degree ({tp}) x pipeline_parallel_degree ({pp}) = {others}, "
-                    f"so data_parallel_shard_degree = -1 cannot be inferred")
+                    f"so data_parallel_shard_degree = -1 cannot be inferred; the product of the degrees must equal the "
+                    f"number of processes")
             dp_shard = world_size // others
         if dp_shard < 1:
             raise ConfigError(f"parallelism.data_parallel_shard_degree = {dp_shard}: must be -1 or >= 1")

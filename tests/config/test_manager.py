@@ -93,7 +93,7 @@ BAD_INPUTS = [
     (["--training.seq_len", "4096"], "exceeds the model's maximum sequence length 2048"),
     (["--model.flavor", "9B"], "model.flavor = '9B' is not a flavor of llama3"),
     (["--model.vocab_size", "100"], "model.vocab_size = 100 is smaller than the tokenizer's vocabulary (258)"),
-    (["--parallelism.tensor_parallel_degree", "2"], "the product must equal the number of processes"),
+    (["--parallelism.tensor_parallel_degree", "2"], "must equal the number of processes"),
     (["--training.global_batch_size", "3"], "training.global_batch_size = 3 must be a multiple of"),
     (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "x"],
      "selective_ac_option = 'x'"),
