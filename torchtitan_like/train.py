@@ -1,7 +1,8 @@
 """Command-line entry point: `python -m torchtitan_like.train --config FILE [--section.key value ...]`.
 
 User mistakes (bad config, missing files, bad data) print one `error:` line and exit with code 2,
-without a traceback; `--print-config` prints the resolved config and exits.
+without a traceback; `--print-config` prints the resolved config and exits. A preemption signal
+(SIGTERM, SIGUSR1) saves a checkpoint and exits with code 75 (see preemption.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from torchtitan_like.config import load_config, to_toml
 from torchtitan_like.errors import USER_ERROR_EXIT_CODE, UserError
 from torchtitan_like.logging import init_logger
+from torchtitan_like.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 USAGE = """usage: python -m torchtitan_like.train [--config FILE.toml] [--print-config] [--section.key VALUE ...]
 
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT_CODE
+    except Preempted as stop:
+        print(str(stop), file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     finally:
         if trainer is not None:
             trainer.close()

@@ -17,16 +17,20 @@ import time
 import torch
 import torch.distributed as dist
 
+from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint
 from torchtitan_like.config import gradient_accumulation_steps, to_toml, validate_config
 from torchtitan_like.data import build_dataloader, build_tokenizer
 from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, resolve_device,
                                                set_train_timeout, world_info)
 from torchtitan_like.errors import ConfigError
+from torchtitan_like.fault_injection import maybe_inject_fault
 from torchtitan_like.logging import logger
 from torchtitan_like.losses import cross_entropy_loss
 from torchtitan_like.metrics import MetricsLogger
 from torchtitan_like.models import get_model_spec
 from torchtitan_like.optim import build_lr_scheduler, build_optimizer
+from torchtitan_like.preemption import Preempted, PreemptionWatcher
+from torchtitan_like.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.distributed.tensors import full_tensor
 from torchtitan_like.parallelisms.grad_clip import clip_grad_norm
 from torchtitan_like.parallelisms.parallel_dims import ParallelDims
@@ -109,8 +113,11 @@ class Trainer:
         self.num_params = sum(p.numel() for p in self.model_args_param_source())
         self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.training.steps)
-        self.step = 0
-        self.tokens_seen = 0
+        self.train_state = TrainState()
+        # Checks that the checkpoint folder is writable before any training step.
+        self.checkpointer = CheckpointManager(config.checkpoint, config.job.dump_folder, self.model_parts,
+                                              self.optimizer, self.lr_scheduler, self.dataloader,
+                                              extra_states={"train_state": self.train_state}, dp_rank=self.dp_rank)
         self.metrics = MetricsLogger(config.metrics, config.job.dump_folder, self.device,
                                      self.model_args.flops_per_token(config.training.seq_len),
                                      config.training.steps, rank)
@@ -120,6 +127,22 @@ class Trainer:
                     f"mesh {self.parallel_dims.mesh_shape() or 'none'}, grad accumulation {self.grad_accum_steps}")
 
     # ------------------------------------------------------------------ construction helpers
+    @property
+    def step(self) -> int:
+        return self.train_state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.train_state.step = value
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.train_state.tokens_seen
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self.train_state.tokens_seen = value
+
     def model_args_param_source(self):
         return (p for part in self.model_parts for p in part.parameters())
 
@@ -202,7 +225,7 @@ class Trainer:
             start = time.perf_counter()
             inputs, labels = self.next_batch(data_iterator)
             data_seconds += time.perf_counter() - start
-            self.tokens_seen += labels.numel()
+            self.tokens_seen += labels.numel() * self.dp_degree  # global count (equal batches per rank)
             loss += self.forward_backward(inputs, labels)
         grad_norm = self.clip_gradients()
         self.optimizer.step()
@@ -225,33 +248,67 @@ class Trainer:
         return evaluate(self)
 
     def train(self) -> list[float]:
-        """Run to training.steps; returns the per-step (data-parallel averaged) losses."""
+        """Run to training.steps (resuming from the newest checkpoint); returns every step's
+        data-parallel averaged loss, restored ones included. Raises `Preempted` after saving when a
+        preemption signal arrived."""
         config = self.config
-        losses: list[float] = []
+        if config.checkpoint.create_seed_checkpoint:
+            path = create_seed_checkpoint(config.checkpoint, config.job.dump_folder, self.model_parts)
+            logger.info(f"seed checkpoint written to {path}")
+            return []
+        if self.checkpointer.load():
+            logger.info(f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
         data_iterator = iter(self.dataloader)
+        watcher = PreemptionWatcher(self.device)
+        pending: list[torch.Tensor] = []  # losses not yet read back: no device sync every step
         gc.disable()
         try:
-            while self.step < config.training.steps:
-                self.step += 1
-                if self.step % config.training.gc_freq == 0:
-                    gc.collect(1)
-                loss, grad_norm, data_seconds = self.train_step(data_iterator)
-                local_tokens = config.training.local_batch_size * config.training.seq_len * self.grad_accum_steps
-                self.metrics.record_step(local_tokens, data_seconds)
-                loss_value = self.reduce_loss(loss)
-                losses.append(loss_value)
-                if not torch.isfinite(torch.tensor(loss_value)):
-                    raise RuntimeError(f"loss is {loss_value} at step {self.step}: training diverged")
-                if self.metrics.should_log(self.step):
-                    self.metrics.log(self.step, loss_value, float(grad_norm), self.lr_scheduler.get_last_lr()[0])
-                if self.val_dataloader is not None and (self.step % config.validation.freq == 0
-                                                        or self.step == config.training.steps):
-                    self.metrics.log_validation(self.step, self.validate())
+            with maybe_enable_profiling(config.profiling, config.job.dump_folder, self.step, self.rank) as profiler, \
+                    maybe_enable_memory_snapshot(config.profiling, config.job.dump_folder, self.step,
+                                                 self.rank) as snapshot:
+                while self.step < config.training.steps:
+                    self.step += 1
+                    if self.step % config.training.gc_freq == 0:
+                        gc.collect(1)
+                    loss, grad_norm, data_seconds = self.train_step(data_iterator)
+                    maybe_inject_fault(self.rank, self.step, "train")
+                    local_tokens = config.training.local_batch_size * config.training.seq_len * self.grad_accum_steps
+                    self.metrics.record_step(local_tokens, data_seconds)
+                    pending.append(loss)
+                    last = self.step == config.training.steps
+                    if self.metrics.should_log(self.step) or self.checkpointer.should_save(self.step, last):
+                        self._record_losses(pending)
+                        if self.metrics.should_log(self.step):
+                            self.metrics.log(self.step, self.train_state.losses[-1], float(grad_norm),
+                                             self.lr_scheduler.get_last_lr()[0])
+                    if self.val_dataloader is not None and (self.step % config.validation.freq == 0 or last):
+                        self.metrics.log_validation(self.step, self.validate())
+                    self.checkpointer.save(self.step, last=last)
+                    profiler.step()
+                    snapshot.step()
+                    if not last and watcher.should_stop():
+                        self._record_losses(pending)
+                        self.checkpointer.save(self.step, force=True)
+                        raise Preempted(self.step)
+            self._record_losses(pending)
         finally:
             gc.enable()
-        return losses
+            watcher.restore()
+        return list(self.train_state.losses)
+
+    def _record_losses(self, pending: list[torch.Tensor]) -> None:
+        """Average the pending per-step losses over data-parallel ranks, append them to the train
+        state (saved in checkpoints) and stop on a non-finite loss."""
+        first_step = self.step - len(pending) + 1
+        for offset, loss in enumerate(pending):
+            value = self.reduce_loss(loss)
+            if not torch.isfinite(torch.tensor(value)):
+                raise RuntimeError(f"loss is {value} at step {first_step + offset}: training diverged")
+            self.train_state.losses.append(value)
+        pending.clear()
 
     def close(self) -> None:
+        self.checkpointer.close()
         self.metrics.close()
         destroy_process_group()
 

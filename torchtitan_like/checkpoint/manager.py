@@ -36,6 +36,7 @@ from torchtitan_like.checkpoint import folders
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.checkpoint.state import DataloaderState, ModelState, OptimizerState, RNGState
 from torchtitan_like.errors import ConfigError, UserError, did_you_mean
+from torchtitan_like.fault_injection import maybe_inject_fault
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "rng")
@@ -145,8 +146,8 @@ class CheckpointManager:
         _barrier(self.process_group)
 
     # ------------------------------------------------------------------------------------ saving
-    def should_save(self, step: int, last: bool = False) -> bool:
-        return self.enabled and (last or step % self.config.interval == 0)
+    def should_save(self, step: int, last: bool = False, force: bool = False) -> bool:
+        return self.enabled and (force or last or step % self.config.interval == 0)
 
     def _full_state(self, skip: set[str] = frozenset()) -> dict[str, Any]:
         """Every state to save, or the load templates of those not in `skip` (templates are not
@@ -156,14 +157,16 @@ class CheckpointManager:
         return {name: stateful.state_dict() for name, stateful in states.items()
                 if stateful is not None and name not in skip}
 
-    def save(self, step: int, last: bool = False) -> bool:
-        """Save when due (every `interval` steps, or `last`); returns whether a save started.
+    def save(self, step: int, last: bool = False, force: bool = False) -> bool:
+        """Save when due (every `interval` steps, or `last`), or now (`force`, e.g. on preemption);
+        returns whether a save started.
 
         The last save is synchronous (the process is about to exit) and model-only in
-        `export_dtype` when `last_save_model_only` is set.
+        `export_dtype` when `last_save_model_only` is set; a forced save is full and synchronous.
         """
-        if not self.should_save(step, last):
+        if not self.should_save(step, last, force):
             return False
+        last = last and not force
         self.maybe_wait()
         model_only = last and self.config.last_save_model_only
         if model_only:
@@ -171,13 +174,14 @@ class CheckpointManager:
         else:
             state = self._full_state()
         tmp_path, final_path = folders.tmp_folder(self.root, step), folders.step_folder(self.root, step)
-        if self.config.async_mode != "disabled" and not last:
+        if self.config.async_mode != "disabled" and not last and not force:
             writer = FileSystemWriter(tmp_path, cache_staged_state_dict=self._use_pinned_memory())
             response = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
             future = getattr(response, "upload_completion", response)
             self._pending = (future, step, tmp_path, final_path, model_only)
             return True
         dcp.save(state, storage_writer=FileSystemWriter(tmp_path), process_group=self.process_group)
+        maybe_inject_fault(self.rank, step, "save")
         _barrier(self.process_group)
         if self.rank == 0:
             self._commit(step, tmp_path, final_path, model_only)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import random
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -170,18 +170,34 @@ class DataloaderState:
     """The dataloader position of this data-parallel rank, under `dp_rank_<r>` as a JSON blob.
 
     Ranks of the same data-parallel rank (tensor/pipeline peers) read the same data and write the
-    same key, which DCP stores once.
+    same key, which DCP stores once. Every rank's state holds the global position in the epoch (all
+    ranks together), so a rank whose key is missing (the data-parallel degree grew) loads another
+    rank's state and its sampler derives its own position from it (data/sampler.py).
     """
+
+    KEY_PREFIX = "dp_rank_"
 
     def __init__(self, dataloader: Any, dp_rank: int):
         self.dataloader = dataloader
-        self.key = f"dp_rank_{dp_rank}"
+        self.key = f"{self.KEY_PREFIX}{dp_rank}"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {self.key: encode_blob(self.dataloader.state_dict())}
 
+    def source_key(self, saved_keys: Iterable[str]) -> str | None:
+        """The saved key to load: this rank's own, else the lowest data-parallel rank's; None if none."""
+        saved_keys = list(saved_keys)
+        if self.key in saved_keys:
+            return self.key
+        ranks = sorted(int(key[len(self.KEY_PREFIX):]) for key in saved_keys
+                       if key.startswith(self.KEY_PREFIX) and key[len(self.KEY_PREFIX):].isdigit())
+        return f"{self.KEY_PREFIX}{ranks[0]}" if ranks else None
+
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.dataloader.load_state_dict(decode_blob(state_dict[self.key]))
+        key = self.source_key(state_dict)
+        if key is None:
+            raise KeyError(f"no {self.KEY_PREFIX}<r> dataloader state among {sorted(state_dict)}")
+        self.dataloader.load_state_dict(decode_blob(state_dict[key]))
 
 
 # --------------------------------------------------------------------------------- train state

@@ -8,10 +8,27 @@ positions r, r + world, r + 2 world, ...: ranks are disjoint and together cover 
 `state_dict()` is (epoch, samples yielded in the epoch). torchdata's StatefulDataLoader stores it
 through its batch sampler and, on `load_state_dict`, restarts iteration exactly there: a resumed run
 sees the very batches an uninterrupted run would have seen.
+
+Resharding (a checkpoint of W data-parallel ranks loaded by W' ranks). The permutation of an epoch
+depends on (seed, epoch) only, and rank r reads positions r, r + W, ...: once every rank has read y
+samples of the epoch, the ranks together have read exactly the first W * y positions of that
+permutation, whatever W. The state therefore also stores this global count (`consumed_in_epoch`), and
+a run with W' ranks resumes every rank at `consumed_in_epoch // W'` of the same epoch. With the same
+global batch (local batch x W), the W' ranks' next batches are then, together, the same block of the
+permutation the W ranks would have read.
+
+The rule at the epoch boundary: the resumed run trims the epoch its own way, ending it after
+W' * (N // W') of its N samples instead of W * (N // W) (a resumed position past that end starts the
+next epoch). Both runs read the same samples up to the smaller of the two ends; the batch crossing
+the boundary, and so every later one, can differ when N % W != N % W' (the at most max(W, W') - 1
+trimmed samples at the end of the epoch are read by one run and not the other), and from the next
+epoch on the run is an ordinary W'-rank run. A count not divisible by W' (only when the global batch
+changed) is rounded down: fewer than W' samples are read again, none is skipped.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -65,15 +82,30 @@ class ShardedSampler(Sampler[int]):
                 return
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "yielded_in_epoch": self.yielded_in_epoch, "seed": self.seed,
+        return {"epoch": self.epoch, "yielded_in_epoch": self.yielded_in_epoch,
+                "consumed_in_epoch": self.yielded_in_epoch * self.dp_world_size, "seed": self.seed,
                 "num_samples": self.num_samples, "dp_world_size": self.dp_world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # A different corpus, seed or world size would silently replay other data; fail instead.
-        for key in ("seed", "num_samples", "dp_world_size"):
+        # A different corpus or seed would silently replay other data; fail instead.
+        for key in ("seed", "num_samples"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise DataError(f"the checkpointed data loader state has {key}={state_dict[key]}, but this run has "
                                 f"{key}={getattr(self, key)}, so the data order cannot continue; restore the old "
                                 f'setting or add "dataloader" to checkpoint.exclude_from_loading')
         self.epoch = int(state_dict["epoch"])
-        self.yielded_in_epoch = int(state_dict["yielded_in_epoch"])
+        saved_world_size = int(state_dict.get("dp_world_size", self.dp_world_size))
+        if saved_world_size == self.dp_world_size:
+            self.yielded_in_epoch = int(state_dict["yielded_in_epoch"])
+            return
+        # Another data-parallel degree: resume at the global position (module docstring).
+        consumed = int(state_dict.get("consumed_in_epoch", int(state_dict["yielded_in_epoch"]) * saved_world_size))
+        if consumed >= self.samples_per_rank * self.dp_world_size:  # past this run's end of the epoch
+            self.epoch, self.yielded_in_epoch = self.epoch + 1, 0
+            return
+        self.yielded_in_epoch = consumed // self.dp_world_size
+        if consumed % self.dp_world_size:
+            warnings.warn(f"the data position ({consumed} samples of epoch {self.epoch}, saved by {saved_world_size} "
+                          f"data-parallel ranks) is not a multiple of the {self.dp_world_size} ranks of this run (the "
+                          f"global batch size changed?): the last {consumed % self.dp_world_size} are read again",
+                          stacklevel=2)

@@ -45,7 +45,15 @@ def init_process_group(device: torch.device, comm_config) -> None:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=comm_config.init_timeout_seconds),
+    timeout = datetime.timedelta(seconds=comm_config.init_timeout_seconds)
+    rank, _, world_size = world_info()
+    # torchrun keeps one store across restarts of the worker group (--max-restarts): a restarted
+    # group must not read the addresses its dead predecessor published, so each attempt gets its
+    # own key prefix.
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"torchtitan_like/attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
 
 

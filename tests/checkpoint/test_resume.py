@@ -1,0 +1,139 @@
+"""The trainer never loses a run: exact resume after a kill, preemption by SIGTERM, and ranks killed
+mid-training and mid-save under `torchrun --max-restarts` (FSDP 2 x TP 2 on CPU gloo)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from tests.helpers import REPO_ROOT, run_cli
+from torchtitan_like.checkpoint import folders
+from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from torchtitan_like.preemption import PREEMPTED_EXIT_CODE
+
+
+def run_args(dump: str, steps: int, interval: int, batch: int = 2) -> list[str]:
+    return ["--config", "train_configs/debug_model.toml", "--job.dump_folder", dump, "--training.steps", str(steps),
+            "--training.seq_len", "32", "--training.local_batch_size", str(batch), "--lr_scheduler.warmup_steps", "1",
+            "--validation.enable", "false", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
+            "--checkpoint.enable", "--checkpoint.interval", str(interval), "--checkpoint.last_save_model_only", "false"]
+
+
+def read_section(path: str, section: str) -> dict[str, torch.Tensor]:
+    """The full tensors of one top-level state of a checkpoint, read on this process without pickles."""
+    metadata = read_metadata(path)
+    prefix = section + "."
+    state = {key[len(prefix):]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+             for key, entry in metadata.state_dict_metadata.items()
+             if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
+    loaded = {section: state}
+    dcp.load(loaded, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), no_dist=True)
+    return loaded[section]
+
+
+def final_losses_and_model(dump: str, step: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    path = os.path.join(dump, "checkpoint", f"step-{step}")
+    folders.check_complete(path)
+    return read_section(path, "train_state")["losses"].tolist(), read_section(path, "model")
+
+
+def assert_all_committed_checkpoints_load(dump: str) -> list[int]:
+    complete = folders.complete_checkpoints(os.path.join(dump, "checkpoint"), warn=False)
+    for checkpoint in complete:
+        read_section(checkpoint.path, "model")  # raises when a file is missing or truncated
+    return sorted(c.step for c in complete)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    dump = str(tmp_path_factory.mktemp("straight"))
+    result = run_cli(run_args(dump, steps=8, interval=4), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return final_losses_and_model(dump, 8)
+
+
+def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, straight_run):
+    dump = str(tmp_path)
+    killed = run_cli(run_args(dump, steps=8, interval=4), timeout=300, env={"TORCHTITAN_LIKE_FAULT": "0:6:train"})
+    assert killed.returncode == -signal.SIGKILL
+    assert assert_all_committed_checkpoints_load(dump) == [4]
+    resumed = run_cli(run_args(dump, steps=8, interval=4), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout
+    losses, model = final_losses_and_model(dump, 8)
+    expected_losses, expected_model = straight_run
+    assert losses == expected_losses  # bit for bit: same data position, RNG, optimizer and schedule
+    for name, value in expected_model.items():
+        assert torch.equal(model[name], value), name
+
+
+def test_sigterm_saves_at_the_step_boundary_exits_75_and_resume_continues(tmp_path):
+    dump = str(tmp_path / "preempted")
+    args = run_args(dump, steps=60, interval=1000)
+    process = subprocess.Popen([sys.executable, "-m", "torchtitan_like.train", *args], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        for line in process.stdout:
+            if "step     2/60" in line:
+                process.send_signal(signal.SIGTERM)
+                break
+            assert time.time() < deadline, "training did not start in time"
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "preempted: saved a checkpoint at step" in stderr
+    saved = assert_all_committed_checkpoints_load(dump)
+    assert len(saved) == 1 and 2 <= saved[0] < 60
+    resumed = run_cli(args, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {saved[0]}" in resumed.stdout
+    losses, _ = final_losses_and_model(dump, 60)
+    straight = str(tmp_path / "straight")
+    assert run_cli(run_args(straight, steps=60, interval=1000), timeout=300).returncode == 0
+    assert losses == final_losses_and_model(straight, 60)[0]
+
+
+def torchrun(dump: str, fault: str = "", timeout: float = 420) -> subprocess.CompletedProcess:
+    """FSDP 2 x TP 2 on 4 CPU processes; one restart allowed."""
+    args = run_args(dump, steps=6, interval=2, batch=2) + [
+        "--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if fault:
+        env["TORCHTITAN_LIKE_FAULT"] = fault
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+               "--max-restarts", "1", "--monitor-interval", "0.5", "-m", "torchtitan_like.train", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def straight_parallel_run(tmp_path_factory):
+    dump = str(tmp_path_factory.mktemp("straight_fsdp2_tp2"))
+    result = torchrun(dump)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return final_losses_and_model(dump, 6)
+
+
+@pytest.mark.parametrize("fault,resume_step", [("1:5:train", 4), ("1:4:save", 2)],
+                         ids=["killed_mid_training", "killed_mid_save"])
+def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes_identically(
+        tmp_path, straight_parallel_run, fault, resume_step):
+    dump = str(tmp_path)
+    result = torchrun(dump, fault)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"resumed from step {resume_step}" in result.stdout + result.stderr
+    assert assert_all_committed_checkpoints_load(dump) == [2, 4, 6]
+    assert not [name for name in os.listdir(os.path.join(dump, "checkpoint")) if "tmp" in name]
+    losses, model = final_losses_and_model(dump, 6)
+    expected_losses, expected_model = straight_parallel_run
+    assert losses == expected_losses
+    for name, value in expected_model.items():
+        assert torch.equal(model[name], value), name

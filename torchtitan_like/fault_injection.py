@@ -1,0 +1,26 @@
+"""Deterministic fault injection for fault-tolerance tests.
+
+`TORCHTITAN_LIKE_FAULT="RANK:STEP:PHASE"` makes rank RANK kill itself with SIGKILL at step STEP,
+either mid-training (`train`: after the step's backward, before the optimizer step) or mid-save
+(`save`: after this rank wrote its checkpoint files, before the commit). It fires only in the
+first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT = 0), so the restarted group runs clean.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _spec() -> tuple[int, int, str] | None:
+    text = os.environ.get("TORCHTITAN_LIKE_FAULT", "")
+    if not text or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    rank, step, phase = text.split(":")
+    return int(rank), int(step), phase
+
+
+def maybe_inject_fault(rank: int, step: int, phase: str) -> None:
+    spec = _spec()
+    if spec is not None and spec == (rank, step, phase):
+        os.kill(os.getpid(), signal.SIGKILL)
