@@ -17,11 +17,13 @@ gradient flowing into `summed` itself, and d(x) = d(residual) = d(summed).
 
 Kernels are written for memory bandwidth. Forward: one program per BLOCK_M rows (several rows per
 program when N is small), BLOCK_N = next_power_of_2(N) so a row is one masked vector load, reading
-x and w and writing y and rstd. Backward: a persistent grid of about (SMs * k) programs, each looping
-over row blocks, recomputing x_hat from x and rstd, writing dx and accumulating dw in fp32 registers;
-each program writes one fp32 partial row and a small torch.sum reduces them. Inputs may be row-
-strided (a slice of a wider tensor): the row stride is passed to the kernel, only a non-contiguous
-last dimension forces a copy.
+x and w and writing y and rstd. Backward: one wave of programs (a few per SM), each owning a
+contiguous run of rows that it walks a tile of BLOCK_M rows at a time, the loads of the next tiles
+in flight (software pipelining); it recomputes x_hat from x and rstd, writes dx and accumulates dw
+in a (BLOCK_N,) fp32 vector, written once as a partial row; a second kernel sums the partials into
+dw. Launch heuristics and their overrides live in `rmsnorm_launch.py`. Inputs may be row-strided
+(a slice of a wider tensor): the row stride is passed to the kernel, only a non-contiguous last
+dimension forces a copy.
 
 The ops are `torch.library.custom_op`s (`torchtitan_like::rms_norm_fwd`, `::rms_norm_bwd`,
 `::fused_add_rms_norm_fwd`) with fake implementations and registered autograd, so
@@ -38,6 +40,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from .rmsnorm_launch import backward_grid, backward_launch, forward_launch
 
 try:
     import triton
@@ -83,23 +87,27 @@ def _rms_norm_fwd_kernel(X, RESIDUAL, W, Y, SUMMED, RSTD,
 @_jit
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DSUMMED, DX, DW_PARTIAL,
                          stride_dy, stride_x, stride_dsummed, stride_dx,
-                         n_rows, n_cols, blocks_per_program,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DSUMMED: tl.constexpr):
+                         n_rows, n_cols, rows_per_program,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DSUMMED: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
+    # Program pid owns rows [first_row, last_row) and walks them BLOCK_M rows at a time. The tile's
+    # rows sit in each thread's registers, so the per-tile column sum into dw_acc is thread-local
+    # and dw_acc is one (BLOCK_N,) fp32 vector, not a tile.
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Row blocks pid, pid + n_programs, ...: neighbouring programs stream neighbouring memory.
-    for i in range(0, blocks_per_program):
-        rows = (pid + i * n_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
+    first_row = pid * rows_per_program
+    last_row = tl.minimum(first_row + rows_per_program, n_rows)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for block_start in tl.range(first_row, last_row, BLOCK_M, num_stages=NUM_STAGES):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < last_row
         mask = row_mask[:, None] & col_mask[None, :]
-        rows_64 = rows.to(tl.int64)[:, None]
+        rows_64 = rows.to(tl.int64)[:, None]  # row * stride overflows int32 beyond 2**31 elements
         x = tl.load(X + rows_64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows_64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # w is re-read per block (an L1 hit) rather than pinned: at N = 16384 x, dy and dw_acc
-        # already fill the register file.
+        # w is re-read per tile (an L1 hit) rather than held across the loop: registers are better
+        # spent on loads in flight.
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         x_hat = x * rstd[:, None]
@@ -109,8 +117,22 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DSUMMED, DX, DW_PARTIAL,
         if HAS_DSUMMED:
             dx += tl.load(DSUMMED + rows_64 * stride_dsummed + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows_64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += dy * x_hat  # masked rows and columns load as 0 and add nothing
-    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        dw_acc += tl.sum(dy * x_hat, axis=0)  # masked rows and columns load as 0 and add nothing
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=col_mask)
+
+
+@_jit
+def _sum_partials_kernel(PARTIAL, OUT, n_partials, n_cols,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[c] = sum over p of PARTIAL[p, c] in fp32, one program per BLOCK_C columns."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < n_partials)[:, None] & col_mask[None, :]
+        acc += tl.load(PARTIAL + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------- launch
@@ -128,29 +150,16 @@ def triton_available_for(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _kernels_interpreted()
 
 
-def _launch_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows, BLOCK_N columns, num_warps) for a hidden size: ~4096+ elements per program."""
+def _check_hidden(n_cols: int) -> None:
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm: hidden size {n_cols} exceeds the kernel's limit {MAX_HIDDEN}; "
                          "use rms_norm_reference")
-    block_n = max(16, triton.next_power_of_2(n_cols))
-    block_m = min(16, max(1, 4096 // block_n))
-    elements = block_m * block_n
-    num_warps = 32 if elements >= 32768 else 16 if elements >= 8192 else 8 if elements >= 2048 else 4
-    return block_m, block_n, num_warps
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _backward_programs(n_blocks: int, block_n: int, device: torch.device) -> int:
-    """Persistent backward grid: ~64 KiB of fp32 dw partials per SM (1 program per SM at N = 16384,
-    up to 8 for short rows), never more programs than row blocks."""
-    if device.type != "cuda":
-        return min(n_blocks, 3)  # the CPU interpreter: a few programs, so each loops and sums partials
-    return min(n_blocks, _sm_count(device) * min(8, max(1, 16384 // block_n)))
+    """SMs of a CUDA device; on the CPU interpreter 3, so a few programs each loop over several tiles."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
 def _on_device(x: torch.Tensor):
@@ -187,47 +196,54 @@ def _forward(x, residual, weight, eps):
     """Launch the forward kernel; returns (y, summed or None, rstd)."""
     _check(x, weight, residual)
     n_cols = x.shape[-1]
+    _check_hidden(n_cols)
     y = _new_output(x.shape, x.dtype, x.device)
     summed = _new_output(x.shape, x.dtype, x.device) if residual is not None else None
     rstd = _new_output(x.shape[:-1], torch.float32, x.device)
     n_rows = rstd.numel()
     if n_rows == 0:
         return y, summed, rstd
-    block_m, block_n, num_warps = _launch_config(n_cols)
+    launch = forward_launch(n_cols)
     x_rows = _as_rows(x, n_cols)
     residual_rows = _as_rows(residual, n_cols) if residual is not None else x_rows
     summed_rows = summed.view(-1, n_cols) if summed is not None else y.view(-1, n_cols)
     y_rows = y.view(-1, n_cols)
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (triton.cdiv(n_rows, launch.block_m),)
     with _on_device(x):
         _rms_norm_fwd_kernel[grid](
             x_rows, residual_rows, weight.contiguous(), y_rows, summed_rows, rstd,
             x_rows.stride(0), residual_rows.stride(0), y_rows.stride(0), summed_rows.stride(0),
             n_rows, n_cols, eps,
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
+            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, HAS_RESIDUAL=residual is not None,
+            num_warps=launch.num_warps)
     return y, summed, rstd
 
 
 def _backward(dy, x, weight, rstd, dsummed):
-    """Launch the backward kernel and reduce the dw partials; returns (dx, dw)."""
+    """Launch the backward kernel and the dw reduction; returns (dx, dw)."""
     n_cols = x.shape[-1]
+    _check_hidden(n_cols)
     dx = _new_output(x.shape, x.dtype, x.device)
     n_rows = rstd.numel()
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
-    block_m, block_n, num_warps = _launch_config(n_cols)
-    n_blocks = triton.cdiv(n_rows, block_m)
-    n_programs = _backward_programs(n_blocks, block_n, x.device)
+    launch = backward_launch(n_cols)
+    n_programs, rows_per_program = backward_grid(n_rows, launch, _sm_count(x.device))
     dw_partial = _new_output((n_programs, n_cols), torch.float32, x.device)
+    dw = _new_output(weight.shape, weight.dtype, weight.device)
     dy_rows, x_rows, dx_rows = _as_rows(dy, n_cols), _as_rows(x, n_cols), dx.view(-1, n_cols)
     dsummed_rows = _as_rows(dsummed, n_cols) if dsummed is not None else dy_rows
     with _on_device(x):
         _rms_norm_bwd_kernel[(n_programs,)](
             dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1), dsummed_rows, dx_rows, dw_partial,
             dy_rows.stride(0), x_rows.stride(0), dsummed_rows.stride(0), dx_rows.stride(0),
-            n_rows, n_cols, triton.cdiv(n_blocks, n_programs),
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_DSUMMED=dsummed is not None, num_warps=num_warps)
-    dw = dw_partial.sum(dim=0).to(weight.dtype)
+            n_rows, n_cols, rows_per_program,
+            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, HAS_DSUMMED=dsummed is not None,
+            NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
+        # Partials are (SMs * k, N) fp32, a few MiB at most and still in L2: 32 columns x 64 partial
+        # rows per step keeps each program's loads coalesced (128 B per row) and in flight.
+        _sum_partials_kernel[(triton.cdiv(n_cols, 32),)](
+            dw_partial, dw, n_programs, n_cols, BLOCK_P=64, BLOCK_C=32, num_warps=4)
     return dx, dw
 
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F  # noqa: E402
 from torchtitan_like.kernels import rmsnorm  # noqa: E402
 from torchtitan_like.kernels.rmsnorm import (  # noqa: E402
     TritonRMSNorm, fused_add_rms_norm, rms_norm, rms_norm_reference, triton_available_for)
+from torchtitan_like.kernels.rmsnorm_launch import (  # noqa: E402
+    ENV_VAR, BackwardLaunch, ForwardLaunch, backward_grid, backward_launch, forward_launch, launch_overrides)
 
 # |actual - expected| <= RTOL * |expected| + ATOL * scale, against float64 math on the same (already
 # rounded) inputs; scale is the magnitude of the terms that cancel (max |y|, max rstd*|dy*w| for dx,
@@ -85,10 +87,32 @@ def test_forward_and_gradients_match_float64_reference(dtype, hidden):
 
 @pytest.mark.parametrize("rows, hidden", [(52, 33), (16, 1000), (2, 4000)])
 def test_many_row_blocks_per_program_and_wide_rows_match_reference(rows, hidden):
-    # 52 rows of 33 are 4 blocks of 16 and 16 rows of 1000 are 4 blocks of 4 over 3 backward programs
-    # on CPU, so a program loops over several blocks and sums its dweight partial; 4000 is near 4096.
+    # Tiles of 4 rows over 3 backward programs (the interpreter's "SMs"): 52 rows are 13 tiles, 5 per
+    # program with a ragged last program, so a program loops and sums dweight over tiles; 4000 is near 4096.
     x = torch.randn(rows, hidden, dtype=torch.bfloat16, requires_grad=True)
-    check_forward_backward(x, random_weight(hidden, torch.bfloat16))
+    with launch_overrides(fwd_block_m=4, bwd_block_m=4, bwd_programs_per_sm=1):
+        check_forward_backward(x, random_weight(hidden, torch.bfloat16))
+
+
+def test_backward_grid_is_one_wave_of_whole_tiles_covering_every_row():
+    launch = backward_launch(4096)
+    for rows in (1, 7, 263, 264, 265, 16384, 100_003):
+        programs, rows_per_program = backward_grid(rows, launch, 132)
+        assert rows_per_program % launch.block_m == 0
+        assert programs <= 132 * launch.programs_per_sm
+        assert (programs - 1) * rows_per_program < rows <= programs * rows_per_program
+
+
+def test_launch_overrides_from_context_and_environment(monkeypatch):
+    default = backward_launch(8192)
+    with launch_overrides(bwd_warps=4, bwd_stages=1):
+        assert (backward_launch(8192).num_warps, backward_launch(8192).num_stages) == (4, 1)
+    assert backward_launch(8192) == default
+    monkeypatch.setenv(ENV_VAR, "fwd_block_m=2, bwd_programs_per_sm=3")
+    assert forward_launch(8192).block_m == 2 and backward_launch(8192).programs_per_sm == 3
+    monkeypatch.setenv(ENV_VAR, "bwd_warp=4")
+    with pytest.raises(ValueError, match="bwd_warp"):
+        backward_launch(8192)
 
 
 def test_row_strided_slice_is_read_in_place_forward_and_backward():
@@ -193,13 +217,16 @@ def test_module_uses_the_reference_when_triton_cannot_run(monkeypatch):
     torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, norm.eps))
 
 
-def test_launch_config_covers_hidden_sizes_up_to_16384_and_beyond():
-    assert rmsnorm._launch_config(2048) == (2, 2048, 8)
-    assert rmsnorm._launch_config(4096) == (1, 4096, 8)
-    assert rmsnorm._launch_config(16384) == (1, 16384, 16)
-    assert rmsnorm._launch_config(12000) == (1, 16384, 16)
+def test_launch_heuristics_cover_hidden_sizes_up_to_16384_and_beyond():
+    assert forward_launch(2048) == ForwardLaunch(2, 2048, 8)
+    assert forward_launch(4096) == ForwardLaunch(1, 4096, 8)
+    assert forward_launch(12000) == forward_launch(16384) == ForwardLaunch(1, 16384, 16)
+    assert backward_launch(2048) == BackwardLaunch(2, 2048, 8, 3, 2)
+    assert backward_launch(8192) == BackwardLaunch(1, 8192, 16, 3, 1)
+    assert backward_launch(16384) == BackwardLaunch(1, 16384, 16, 2, 1)
+    assert backward_launch(33).block_m * backward_launch(33).block_n == 4096
     with pytest.raises(ValueError, match="hidden size"):
-        rmsnorm._launch_config(rmsnorm.MAX_HIDDEN + 1)
+        rmsnorm._check_hidden(rmsnorm.MAX_HIDDEN + 1)
 
 
 def test_llama3_debugmodel_with_triton_rmsnorm_matches_nn_rmsnorm():
