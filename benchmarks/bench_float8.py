@@ -1,11 +1,14 @@
 """Float8 benchmark: FP8 GEMM TFLOP/s, quantize GB/s, Float8Linear fwd+bwd vs bf16 nn.Linear.
 
-    python benchmarks/bench_float8.py [--quick] [--json PATH] [--autotune]
+    python benchmarks/bench_float8.py [--quick] [--json PATH] [--autotune] [--sections gemm,sweep,quantize,linear]
 
 CUDA only (H100/H200); on a machine without CUDA it says so and exits 0. Every timed function is
 first checked against its reference. Timings are medians of `triton.testing.do_bench`.
 Shapes: Llama 3 8B (dim 4096, kv 1024, FFN 14336) and 70B (dim 8192, kv 1024, FFN 28672) linear
 projections at M = 8192 and 16384 tokens, plus 8192^3. --quick: 8B at M=8192 and 8192^3 only.
+The GEMM table compares our default configs (gemm_configs.py) with torch._scaled_mm at the same
+scales and accumulation (use_fast_accum False and True); the sweep times each of the <= 8 candidate
+configs of gemm_configs.sweep_configs at 8192^3 and 8B w1/w3 (M=16384) (8192^3 only with --quick).
 """
 
 from __future__ import annotations
@@ -59,45 +62,119 @@ def _table(title, header, rows):
         print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row) + " |")
 
 
-def bench_gemm(quick: bool, autotune: bool):
-    from torchtitan_like.kernels.float8 import gemm as g
+def _gemm_operands(m, k, n):
+    """bf16 x (M, K) and w (N, K), and their tensorwise and rowwise fp8 operands for fp8_gemm."""
     from torchtitan_like.kernels.float8 import quantize as q
 
-    header = ["shape", "M", "K", "N", "bf16 matmul", "triton tw", "_scaled_mm tw", "triton rw", "_scaled_mm rw"]
-    if autotune:
-        header += ["triton tw (autotune)"]
+    x, w = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda") * 0.02
+    xa, _, xs = q.tensorwise_quantize(x, q.E4M3)
+    wa, _, ws = q.tensorwise_quantize(w, q.E4M3)
+    xr, xrs = q.rowwise_quantize(x, q.E4M3)
+    wr, wrs = q.rowwise_quantize(w, q.E4M3)
+    return (x.bfloat16(), w.bfloat16(), (xa, wa.t(), xs.reciprocal(), ws.reciprocal()),
+            (xr, wr.t(), xrs.reciprocal(), wrs.reciprocal().t()))
+
+
+def _relative_error(fn, ops) -> float:
+    """Max error of fn() over its first 256 rows against the fp64 reference (fp64 is slow)."""
+    from torchtitan_like.kernels.float8 import gemm as g
+
+    ref = g.scaled_mm_reference(ops[0][:256], ops[1], ops[2][:256] if ops[2].dim() else ops[2], ops[3])
+    return (fn()[:256].double() - ref).abs().max().item() / ref.abs().max().item()
+
+
+def _tflops(flops: int, fn) -> float:
+    try:
+        return flops / _bench(fn) / 1e9
+    except Exception as error:  # noqa: BLE001  one configuration that fails must not end the table
+        print(f"  failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        return float("nan")
+
+
+def bench_gemm(quick: bool, autotune: bool):
+    """Ours (default configs) against _scaled_mm with the same accumulation, and bf16 matmul."""
+    from torchtitan_like.kernels.float8 import gemm as g
+
+    modes = [(recipe, fast) for recipe in ("tw", "rw") for fast in (False, True)]
+    header = ["shape", "M", "K", "N", "bf16"]
+    for recipe, fast in modes:
+        tag = f"{recipe}{' fast' if fast else ''}"
+        header += [f"ours {tag}", f"_smm {tag}", "% _smm"]
+    header += ["ours tw fast / bf16"] + (["ours tw autotune", "ours tw fast autotune"] if autotune else [])
     rows, records = [], []
     for name, m, k, n in _gemm_shapes(quick):
-        x, w = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda") * 0.02
-        x_bf16, w_bf16 = x.bfloat16(), w.bfloat16()
-        xa, _, xs = q.tensorwise_quantize(x, q.E4M3)
-        wa, _, ws = q.tensorwise_quantize(w, q.E4M3)
-        tw = (xa, wa.t(), xs.reciprocal(), ws.reciprocal())
-        xr, xrs = q.rowwise_quantize(x, q.E4M3)
-        wr, wrs = q.rowwise_quantize(w, q.E4M3)
-        rw = (xr, wr.t(), xrs.reciprocal(), wrs.reciprocal().t())
-        candidates = {
-            "bf16 matmul": lambda: torch.matmul(x_bf16, w_bf16.t()),
-            "triton tw": lambda: g.fp8_gemm(*tw, torch.bfloat16),
-            "_scaled_mm tw": lambda: g.scaled_mm(*tw, torch.bfloat16, "torch"),
-            "triton rw": lambda: g.fp8_gemm(*rw, torch.bfloat16),
-            "_scaled_mm rw": lambda: g.scaled_mm(*rw, torch.bfloat16, "torch"),
-        }
-        if autotune:
-            candidates["triton tw (autotune)"] = lambda: g.fp8_gemm(*tw, torch.bfloat16, autotune=True)
-        for label, fn in candidates.items():  # correctness before timing (on a row slice: fp64 is slow)
-            if label == "bf16 matmul":
-                continue
-            ops = rw if " rw" in label else tw
-            ref = g.scaled_mm_reference(ops[0][:256], ops[1], ops[2][:256] if ops[2].dim() else ops[2], ops[3])
-            error = (fn()[:256].double() - ref).abs().max().item() / ref.abs().max().item()
-            _check(error < 1e-2, f"{label} at {name} M={m}: relative error {error:.3g}")
+        x_bf16, w_bf16, tw, rw = _gemm_operands(m, k, n)
         flops = 2 * m * n * k
-        tflops = {label: flops / _bench(fn) / 1e9 for label, fn in candidates.items()}
-        rows.append([name, m, k, n] + [tflops[h] for h in header[4:]])
+        tflops = {"bf16": _tflops(flops, lambda: torch.matmul(x_bf16, w_bf16.t()))}
+        row = [name, m, k, n, tflops["bf16"]]
+        for recipe, fast in modes:
+            ops = tw if recipe == "tw" else rw
+            tag = f"{recipe}{' fast' if fast else ''}"
+            ours = lambda: g.fp8_gemm(*ops, torch.bfloat16, use_fast_accum=fast)  # noqa: E731
+            theirs = lambda: g.scaled_mm(*ops, torch.bfloat16, "torch", use_fast_accum=fast)  # noqa: E731
+            for label, fn in ((f"ours {tag}", ours), (f"_smm {tag}", theirs)):
+                try:  # correctness before timing
+                    error = _relative_error(fn, ops)
+                except Exception as exc:  # noqa: BLE001
+                    error = float("nan")
+                    print(f"  {label} at {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                _check(error < 1e-2, f"{label} at {name} M={m}: relative error {error:.3g}")
+                tflops[label] = _tflops(flops, fn) if error < 1e-2 else float("nan")
+            row += [tflops[f"ours {tag}"], tflops[f"_smm {tag}"], 100 * tflops[f"ours {tag}"] / tflops[f"_smm {tag}"]]
+        row.append(tflops["ours tw fast"] / tflops["bf16"])
+        if autotune:
+            for fast in (False, True):
+                tflops[f"autotune{' fast' if fast else ''}"] = _tflops(
+                    flops, lambda: g.fp8_gemm(*tw, torch.bfloat16, use_fast_accum=fast, autotune=True))
+                row.append(tflops[f"autotune{' fast' if fast else ''}"])
+        rows.append(row)
         records.append({"shape": name, "M": m, "K": k, "N": n, "tflops": tflops})
-        del x, w, x_bf16, w_bf16, tw, rw
-    _table("FP8 GEMM, TFLOP/s (bf16 output)", header, rows)
+        del x_bf16, w_bf16, tw, rw
+    _table("FP8 GEMM, TFLOP/s (bf16 output; tw/rw = tensorwise/rowwise scales; fast = use_fast_accum; "
+           "% _smm = ours / torch._scaled_mm with the same scales and accumulation)", header, rows)
+    return records
+
+
+SWEEP_SHAPES = [("8192^3", 8192, 8192, 8192), ("8B w1/w3", 16384, 4096, 14336)]
+
+
+def bench_gemm_sweep(quick: bool):
+    """Times every gemm_configs.sweep_configs candidate (tensorwise) at one or two shapes."""
+    from torchtitan_like.kernels.float8 import gemm as g
+    from torchtitan_like.kernels.float8.gemm_configs import sweep_configs
+
+    shapes = SWEEP_SHAPES[:1] if quick else SWEEP_SHAPES
+    records, best = [], []
+    for fast in (True, False):
+        results = {}  # config name -> [TFLOP/s per shape]
+        smm = []
+        for name, m, k, n in shapes:
+            _, _, tw, _ = _gemm_operands(m, k, n)
+            flops = 2 * m * n * k
+            smm.append(_tflops(flops, lambda: g.scaled_mm(*tw, torch.bfloat16, "torch", use_fast_accum=fast)))
+            for config in sweep_configs(fast):
+                fn = lambda: g.fp8_gemm(*tw, torch.bfloat16, use_fast_accum=fast, config=config)  # noqa: E731
+                try:
+                    error = _relative_error(fn, tw)
+                    _check(error < 1e-2, f"sweep {config.name} fast={fast} at {name}: relative error {error:.3g}")
+                    value = _tflops(flops, fn)
+                except Exception as error:  # noqa: BLE001  e.g. a Triton without warp specialization
+                    print(f"  {config.name} fast={fast}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                    value = float("nan")
+                results.setdefault(config.name, []).append(value)
+                records.append({"config": config.name, "fast": fast, "shape": name, "tflops": value,
+                                "scaled_mm_tflops": smm[-1]})
+            del tw
+        header = ["config (tensorwise" + (", fast accum)" if fast else ", precise accum)")]
+        header += [f"{name} TFLOP/s" for name, *_ in shapes] + [f"{name} % _smm" for name, *_ in shapes]
+        rows = [[label] + values + [100 * v / s for v, s in zip(values, smm)] for label, values in results.items()]
+        rows.append(["torch._scaled_mm"] + smm + [100.0] * len(smm))
+        _table(f"FP8 GEMM sweep, {'fast' if fast else 'precise'} accumulation (first row: the default)", header, rows)
+        for i, (name, *_) in enumerate(shapes):
+            label, values = max(results.items(), key=lambda item: -1 if item[1][i] != item[1][i] else item[1][i])
+            best.append(f"best {'fast' if fast else 'precise'} at {name}: {label} {values[i]:.0f} TFLOP/s "
+                        f"({100 * values[i] / smm[i]:.0f}% of _scaled_mm)")
+    print("\n" + "\n".join(best))
     return records
 
 
@@ -176,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--autotune", action="store_true", help="also time the autotuned Triton GEMM")
+    parser.add_argument("--sections", default="gemm,sweep,quantize,linear",
+                        help="comma-separated subset of gemm,sweep,quantize,linear")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_float8: CUDA is not available; nothing to benchmark (needs an H100/H200 class GPU).")
@@ -187,8 +266,10 @@ def main(argv=None) -> int:
     import triton
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    for section, run in (("gemm", lambda: bench_gemm(args.quick, args.autotune)),
-                         ("quantize", lambda: bench_quantize(args.quick)), ("linear", lambda: bench_linear(args.quick))):
+    sections = {"gemm": lambda: bench_gemm(args.quick, args.autotune), "sweep": lambda: bench_gemm_sweep(args.quick),
+                "quantize": lambda: bench_quantize(args.quick), "linear": lambda: bench_linear(args.quick)}
+    for section in args.sections.split(","):
+        run = sections.get(section, lambda: _check(False, f"unknown section {section!r}; choose from {list(sections)}"))
         try:  # a section that crashes (e.g. an unsupported Triton feature) must not hide the others
             results[section] = run()
         except Exception as error:  # noqa: BLE001

@@ -10,10 +10,13 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from torchtitan_like.kernels.float8 import gemm as g
+from torchtitan_like.kernels.float8 import gemm_configs as gc
 from torchtitan_like.kernels.float8 import quantize as q
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}
@@ -49,6 +52,40 @@ def test_fp8_gemm_matches_dequantized_reference(shape, recipe, out_dtype):
     a, b, sa, sb = _operands(*shape, recipe)
     c = g.fp8_gemm(a, b, sa, sb, out_dtype)
     _assert_close(c, g.scaled_mm_reference(a, b, sa, sb), out_dtype)
+
+
+TMA_CONFIGS = [gc.INTERPRETER_TMA_CONFIG, replace(gc.INTERPRETER_TMA_CONFIG, tma_store=True),
+               replace(gc.INTERPRETER_TMA_CONFIG, flatten=False)]
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("shape", [(33, 48, 45), (64, 96, 40)])  # K tail of 16 (zero-filled), M and N tails
+def test_persistent_tma_kernel_matches_dequantized_reference(shape, recipe, out_dtype, config):
+    a, b, sa, sb = _operands(*shape, recipe)
+    for fast in (False, True):
+        c = g.fp8_gemm(a, b, sa, sb, out_dtype, use_fast_accum=fast, config=config)
+        _assert_close(c, g.scaled_mm_reference(a, b, sa, sb), out_dtype)
+
+
+def test_tma_config_falls_back_to_pointer_kernel_when_rows_are_unaligned():
+    a, b, sa, sb = _operands(24, 70, 20, "tensorwise")  # K % 16 != 0: no TMA descriptor
+    c = g.fp8_gemm(a, b, sa, sb, torch.float32, config=gc.INTERPRETER_TMA_CONFIG)
+    _assert_close(c, g.scaled_mm_reference(a, b, sa, sb), torch.float32)
+    out = torch.full((20, 24), float("nan")).t()  # column-major C: no vector stores along N either
+    a, b, sa, sb = _operands(24, 64, 20, "rowwise")
+    g.fp8_gemm(a, b, sa, sb, torch.float32, out=out, config=gc.INTERPRETER_TMA_CONFIG)
+    _assert_close(out, g.scaled_mm_reference(a, b, sa, sb), torch.float32)
+
+
+def test_sweep_lists_at_most_eight_configs_led_by_the_default():
+    for fast, default in ((True, gc.FAST_CONFIG), (False, gc.PRECISE_CONFIG)):
+        configs = gc.sweep_configs(fast)
+        assert configs[0] == default and len(configs) <= 8 and len(set(configs)) == len(configs)
+        for c in configs:  # pipelined A and B stages (+ a bf16 C tile for a TMA store) fit sm_90's 227 KiB
+            smem = c.num_stages * (c.block_m + c.block_n) * c.block_k + c.tma_store * c.block_m * c.block_n * 2
+            assert smem <= 227 * 1024, c.name
 
 
 def test_fp8_gemm_mixed_e5m2_e4m3_with_fast_accum():
