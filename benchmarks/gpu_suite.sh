@@ -4,7 +4,8 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16_torchnorm rmsnorm float8 train_bf16 train_fp8), SUITE_STEPS (18),
+# Knobs: SUITE_SKIP (names: train_bf16 train_bf16_cudnn rmsnorm float8 train_fp8 train_bf16_torchnorm),
+# SUITE_STEPS (18),
 # SUITE_BUDGET_S (seconds for the whole suite; sections shrink to fit).
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,17 +49,15 @@ python3 -c 'import torch, triton; print("[suite] torch", torch.__version__, "tri
   "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")'
 
 BENCH=(python3 benchmarks/throughput.py --config train_configs/llama3_8b_8layers_bench.toml --steps "$STEPS" --warmup 6)
-section train_bf16_torchnorm 150 "${BENCH[@]}" --label "bf16 torch-rmsnorm" --json "$LOGS/train_bf16_torchnorm.json"
-section rmsnorm 90 python3 benchmarks/bench_rmsnorm.py --json "$LOGS/rmsnorm.json"
-section float8 110 python3 benchmarks/bench_float8.py --json "$LOGS/float8.json"
 section train_bf16 130 "${BENCH[@]}" --label "bf16 triton-rmsnorm" --json "$LOGS/train_bf16.json" \
   --model.norm_type triton_rmsnorm
-section train_fp8 130 "${BENCH[@]}" --label "float8 tensorwise" --json "$LOGS/train_fp8.json" \
-  --model.norm_type triton_rmsnorm --float8.enable --float8.recipe_name tensorwise
-if (( LAST_RC != 0 )); then  # Float8 under compile failed: measure it eager so the cause is visible
-  section train_fp8_eager 100 "${BENCH[@]}" --label "float8 tensorwise, no compile" --json "$LOGS/train_fp8_eager.json" \
-    --model.norm_type triton_rmsnorm --float8.enable --float8.recipe_name tensorwise --compile.enable false
-fi
+section train_bf16_cudnn 130 "${BENCH[@]}" --label "bf16 triton-rmsnorm cudnn-attention" \
+  --json "$LOGS/train_bf16_cudnn.json" --model.norm_type triton_rmsnorm --model.sdpa_backend cudnn
+section rmsnorm 110 python3 benchmarks/bench_rmsnorm.py --sweep --json "$LOGS/rmsnorm.json"
+section float8 110 python3 benchmarks/bench_float8.py --quick --sections gemm,sweep --json "$LOGS/float8.json"
+section train_fp8 130 "${BENCH[@]}" --label "float8 tensorwise cudnn-attention" --json "$LOGS/train_fp8.json" \
+  --model.norm_type triton_rmsnorm --model.sdpa_backend cudnn --float8.enable --float8.recipe_name tensorwise
+section train_bf16_torchnorm 130 "${BENCH[@]}" --label "bf16 torch-rmsnorm" --json "$LOGS/train_bf16_torchnorm.json"
 
 echo "[suite] summary"
 cat "$SUMMARY"

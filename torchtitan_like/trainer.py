@@ -186,11 +186,19 @@ class Trainer:
             return [model]
         return [self.spec.parallelize_fn(model, self.parallel_dims, self.mesh, self.config)]
 
-    def _autocast(self):
-        """bf16 autocast when no FSDP mixed-precision policy casts the parameters (one GPU)."""
+    def _compute_context(self):
+        """bf16 autocast when no FSDP mixed-precision policy casts the parameters (one GPU), and the
+        configured scaled-dot-product-attention kernel (the choice is baked in when compiled)."""
+        stack = contextlib.ExitStack()
         if self.device.type == "cuda" and self.param_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled:
-            return torch.autocast("cuda", dtype=self.param_dtype)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast("cuda", dtype=self.param_dtype))
+        if self.config.model.sdpa_backend != "auto":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+            stack.enter_context(sdpa_kernel([backend[self.config.model.sdpa_backend]]))
+        return stack
 
     # ------------------------------------------------------------------ the loop
     def next_batch(self, data_iterator):
@@ -201,10 +209,10 @@ class Trainer:
         """Forward, loss and backward of one accumulation step; returns its share of the mean loss."""
         if self.pipeline is not None:
             # The schedule runs forward, loss and backward of every pipeline microbatch.
-            with self._autocast(), loss_parallel_context(self.loss_parallel):
+            with self._compute_context(), loss_parallel_context(self.loss_parallel):
                 return pipeline_forward_backward(self.pipeline, inputs, labels)
         model = self.model_parts[0]
-        with self._autocast():
+        with self._compute_context():
             logits = model(inputs)
         with loss_parallel_context(self.loss_parallel):
             # Mean over this microbatch's tokens, divided so accumulated gradients average microbatches.

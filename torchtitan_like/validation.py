@@ -21,7 +21,7 @@ def evaluate(trainer) -> float:
             if steps != -1 and index >= steps:
                 break
             inputs, labels = inputs.to(trainer.device), labels.to(trainer.device)
-            with trainer._autocast(), loss_parallel_context(trainer.loss_parallel):
+            with trainer._compute_context(), loss_parallel_context(trainer.loss_parallel):
                 if trainer.pipeline is not None:
                     total += pipeline_evaluate(trainer.pipeline, inputs, labels)
                 else:
