@@ -89,8 +89,9 @@ def backward_launch(n_cols: int) -> BackwardLaunch:
     - <= 4096 elements per row: tiles of ~4096 elements, 8 warps, 3 stages (~107 registers, 41-49
       KiB shared memory): 2 programs per SM, each with 2 tiles (32 KiB) of loads in flight.
     - 8192: 1 row, 16 warps, 3 stages (103 registers, 96 KiB): 1 program per SM, 64 KiB in flight.
-    - 16384 and up: 1 row, 16 warps, 2 stages (128 registers with a few spills, 96 KiB): 1 program
-      per SM, one 64 KiB row in flight while the previous is reduced.
+    - 16384: 1 row, 16 warps, 3 stages (128 registers with a few spills): 1 program per SM. On the
+      H200 (2026-11-27 sweep) 3 stages moved 3,131 GB/s in the backward against 2,828 with 2.
+    - above 16384: 32 warps, 2 stages (shared memory).
     """
     block_n = max(16, _next_power_of_2(n_cols))
     block_m = min(64, max(1, 4096 // block_n))
@@ -99,7 +100,7 @@ def backward_launch(n_cols: int) -> BackwardLaunch:
     elif block_n <= 8192:
         num_warps, num_stages, programs_per_sm = 16, 3, 1
     else:
-        num_warps, num_stages, programs_per_sm = (16 if block_n <= 16384 else 32), 2, 1
+        num_warps, num_stages, programs_per_sm = (16, 3, 1) if block_n <= 16384 else (32, 2, 1)
     values = _overrides()
     return BackwardLaunch(values.get("bwd_block_m", block_m), block_n, values.get("bwd_warps", num_warps),
                           values.get("bwd_stages", num_stages), values.get("bwd_programs_per_sm", programs_per_sm))

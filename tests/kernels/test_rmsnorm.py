@@ -223,7 +223,7 @@ def test_launch_heuristics_cover_hidden_sizes_up_to_16384_and_beyond():
     assert forward_launch(12000) == forward_launch(16384) == ForwardLaunch(1, 16384, 16)
     assert backward_launch(2048) == BackwardLaunch(2, 2048, 8, 3, 2)
     assert backward_launch(8192) == BackwardLaunch(1, 8192, 16, 3, 1)
-    assert backward_launch(16384) == BackwardLaunch(1, 16384, 16, 2, 1)
+    assert backward_launch(16384) == BackwardLaunch(1, 16384, 16, 3, 1)
     assert backward_launch(33).block_m * backward_launch(33).block_n == 4096
     with pytest.raises(ValueError, match="hidden size"):
         rmsnorm._check_hidden(rmsnorm.MAX_HIDDEN + 1)
