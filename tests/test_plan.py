@@ -21,7 +21,8 @@ def _plan(capsys, *argv: str) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
-SHIPPED = [("llama3_8b.toml", 8, []), ("llama3_70b.toml", 64, []), ("llama3_405b.toml", 512, [])]
+SHIPPED = [("llama3_8b.toml", 8, []), ("llama3_70b.toml", 64, []), ("llama3_70b_256gpu.toml", 256, []),
+           ("llama3_405b.toml", 512, [])]
 
 
 @pytest.mark.parametrize("config_name,ngpu,overrides", SHIPPED)

@@ -11,13 +11,14 @@ _warned: set[str] = set()
 
 
 def init_logger(rank: int | None = None, log_rank: int = 0) -> None:
-    """Configure the package logger; ranks other than `log_rank` only log warnings and errors."""
+    """Configure the package logger; ranks other than `log_rank` only log errors, so a warning that
+    every rank hits prints once (from `log_rank`), not once per rank."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     logger.handlers.clear()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if rank == log_rank else logging.WARNING)
+    logger.setLevel(logging.INFO if rank == log_rank else logging.ERROR)
     logger.propagate = False
 
 

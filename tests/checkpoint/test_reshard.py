@@ -1,8 +1,11 @@
-"""Resharding through DCP: a checkpoint written under FSDP on 2 ranks loads on 1 process and back."""
+"""Resharding through DCP: a checkpoint written under FSDP on 2 ranks loads on 1 process and back; a
+data-parallel rank without a saved data position of its own resumes from another rank's global one."""
 
 from __future__ import annotations
 
 import os
+import random
+import string
 import warnings
 
 import pytest
@@ -10,8 +13,11 @@ import torch
 
 from tests.checkpoint.common import (FakeDataloader, build_model, build_training, checkpoint_config, run_on_ranks,
                                      train_step)
+from tests.data.conftest import make_job_config
 from torchtitan_like.checkpoint import CheckpointManager
-from torchtitan_like.checkpoint.state import OptimizerState
+from torchtitan_like.checkpoint.state import DataloaderState, OptimizerState
+from torchtitan_like.data import build_dataloader
+from torchtitan_like.data.tokenizers import ByteTokenizer
 from torchtitan_like.distributed.tensors import full_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -50,13 +56,13 @@ def _load_then_save_under_fsdp(rank, world_size, root):
     optimizer, scheduler = build_training(model)
     dataloader = FakeDataloader()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rank 1 has no dataloader state in a 1-rank checkpoint
+        warnings.simplefilter("ignore")  # rank 1 has no dataloader state of its own in a 1-rank checkpoint
         single = CheckpointManager(checkpoint_config(), os.path.join(root, "single"), model, optimizer, scheduler,
                                    dataloader)
         assert single.load() == 1
     _assert_values_equal(torch.load(os.path.join(root, "single.pt"), weights_only=True), _full_values(model, optimizer))
     assert scheduler.last_epoch == 1
-    assert dataloader.position == (4 if rank == 0 else 0)
+    assert dataloader.position == 4  # rank 1 takes rank 0's state (the fake loader has no global rule)
 
     # FSDP on 2 ranks -> (after one more step) a checkpoint for the parent's single process.
     torch.manual_seed(0)  # the same batch on both ranks, so the step equals a 1-process step
@@ -88,3 +94,30 @@ def test_checkpoints_reshard_from_one_process_to_fsdp_on_two_ranks_and_back(tmp_
     assert manager.load() == 2
     _assert_values_equal(torch.load(tmp_path / "fsdp.pt", weights_only=True), _full_values(model, optimizer))
     assert scheduler.last_epoch == 2 and dataloader.position == 10
+
+
+def test_a_rank_without_its_own_dataloader_state_resumes_from_another_ranks_global_position(tmp_path):
+    # 2 data-parallel ranks save; 4 load: ranks 2 and 3 have no key and read dp_rank_0's state.
+    (tmp_path / "doc.txt").write_text("".join(random.Random(2).choices(string.ascii_letters, k=3000)))
+
+    def loaders(world_size):
+        config = make_job_config(dataset="local", dataset_path=str(tmp_path), seq_len=7, local_batch_size=8 // world_size)
+        return [build_dataloader(config, ByteTokenizer(), dp_rank=rank, dp_world_size=world_size)
+                for rank in range(world_size)]
+
+    def next_global_batches(iterators, count):
+        return [{tuple(row.tolist()) for iterator in iterators for row in next(iterator)[0]} for _ in range(count)]
+
+    original = loaders(2)
+    iterators = [iter(loader) for loader in original]
+    next_global_batches(iterators, 5)
+    saved = {}
+    for rank, loader in enumerate(original):
+        saved.update(DataloaderState(loader, rank).state_dict())
+    resumed = loaders(4)
+    for rank, loader in enumerate(resumed):
+        state = DataloaderState(loader, rank)
+        source = f"dp_rank_{rank if rank < 2 else 0}"
+        assert state.source_key(saved) == source and list(state.load_template(saved)) == [source]
+        state.load_state_dict(saved)
+    assert next_global_batches([iter(loader) for loader in resumed], 6) == next_global_batches(iterators, 6)

@@ -137,3 +137,40 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes_identically
     assert losses == expected_losses
     for name, value in expected_model.items():
         assert torch.equal(model[name], value), name
+
+
+def test_a_seed_checkpoint_starts_every_plan_from_the_same_weights(tmp_path):
+    from tests.helpers import free_port
+    from torchtitan_like.models.llama3 import Transformer, get_flavor
+
+    seed_dump = str(tmp_path / "seed")
+    created = run_cli(["--config", "train_configs/debug_model.toml", "--job.dump_folder", seed_dump,
+                       "--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
+    assert created.returncode == 0, created.stderr[-3000:]
+    seed_path = os.path.join(seed_dump, "checkpoint", "step-0")
+    args = get_flavor("debugmodel")
+    args.vocab_size = 258
+    expected = Transformer(args)
+    expected.init_weights(7)
+    seeded = read_section(seed_path, "model")
+    for name, value in expected.state_dict().items():
+        assert torch.equal(seeded[name], value), name
+
+    def first_loss(dump, extra, nproc=1):
+        args = run_args(str(tmp_path / dump), steps=1, interval=1000) + extra
+        if nproc == 1:
+            result = run_cli(args, timeout=300)
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                       "--master-port", str(free_port()), "-m", "torchtitan_like.train", *args]
+            result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return final_losses_and_model(str(tmp_path / dump), 1)[0][0]
+
+    from_seed = ["--checkpoint.initial_load_path", seed_path]
+    single = first_loss("single", from_seed + ["--training.local_batch_size", "4"])
+    fsdp = first_loss("fsdp2", from_seed + ["--parallelism.data_parallel_shard_degree", "2"], nproc=2)
+    plain = first_loss("plain", ["--training.local_batch_size", "4"])
+    assert single == pytest.approx(fsdp, rel=1e-5)  # same weights and global batch under both plans
+    assert single != plain  # the seed checkpoint's weights, not the run's own seed-0 init

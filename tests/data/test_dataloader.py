@@ -63,6 +63,32 @@ def test_ranks_see_disjoint_samples(tmp_path):
     assert len(set().union(*seen)) == windows == (len(loader.dataset) // 4) * 4
 
 
+def test_a_loader_state_resumes_under_another_data_parallel_degree_with_the_same_global_batches(tmp_path):
+    # Random letters make every window's content unique, so contents identify samples.
+    (tmp_path / "doc.txt").write_text("".join(random.Random(1).choices(string.ascii_letters, k=3000)))
+    global_batch = 8
+
+    def loaders(world_size):
+        config = make_job_config(dataset="local", dataset_path=str(tmp_path), seq_len=7,
+                                 local_batch_size=global_batch // world_size)
+        return [build_dataloader(config, ByteTokenizer(), dp_rank=rank, dp_world_size=world_size)
+                for rank in range(world_size)]
+
+    def next_global_batches(iterators, count):
+        return [{tuple(row.tolist()) for iterator in iterators for row in next(iterator)[0]} for _ in range(count)]
+
+    original = loaders(4)
+    iterators = [iter(loader) for loader in original]
+    next_global_batches(iterators, 7)
+    states = [loader.state_dict() for loader in original]
+    resumed = loaders(2)
+    for rank, loader in enumerate(resumed):
+        loader.load_state_dict(states[rank])
+    expected = next_global_batches(iterators, 10)
+    assert next_global_batches([iter(loader) for loader in resumed], 10) == expected
+    assert all(len(batch) == global_batch for batch in expected)
+
+
 def test_validation_uses_the_held_out_split_once_in_order():
     config = make_job_config(seq_len=128, local_batch_size=8)
     config.validation.seq_len = 64

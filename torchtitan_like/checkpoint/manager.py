@@ -271,6 +271,10 @@ class CheckpointManager:
             for name, value in self._full_state(skip=excluded | {"model"}).items():
                 if name in ("optimizer", "lr_scheduler"):
                     state[name] = value
+                elif name == "dataloader":  # this rank's key, or another rank's when the dp degree grew
+                    saved = [fqn[len("dataloader."):] for fqn in metadata.state_dict_metadata
+                             if fqn.startswith("dataloader.")]
+                    state[name] = _fit_to_checkpoint(self.dataloader.load_template(saved), metadata, name, name)
                 else:
                     state[name] = _fit_to_checkpoint(value, metadata, name, name)
         dcp.load(state, storage_reader=SafeFileSystemReader(folder.path), planner=SafeLoadPlanner(),
@@ -281,11 +285,11 @@ class CheckpointManager:
         if "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if "dataloader" in state:
-            if self.dataloader.key in state["dataloader"]:
+            if state["dataloader"]:
                 self.dataloader.load_state_dict(state["dataloader"])
             else:
-                warnings.warn(f"{folder.path} has no dataloader state for {self.dataloader.key} (the "
-                              f"data-parallel degree changed?): its data starts from the beginning", stacklevel=3)
+                warnings.warn(f"{folder.path} has no dataloader state: the data starts from the beginning",
+                              stacklevel=3)
         if "rng" in state and self.rng.key in state["rng"]:
             self.rng.load_state_dict(state["rng"])
         for name, stateful in self.extra_states.items():

@@ -193,6 +193,12 @@ class DataloaderState:
                        if key.startswith(self.KEY_PREFIX) and key[len(self.KEY_PREFIX):].isdigit())
         return f"{self.KEY_PREFIX}{ranks[0]}" if ranks else None
 
+    def load_template(self, saved_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The DCP load template for a checkpoint whose dataloader keys are `saved_keys`: the blob of
+        `source_key` (a placeholder; the loader sizes it after the checkpoint), or {} if none."""
+        key = self.source_key(saved_keys)
+        return {} if key is None else {key: torch.empty(0, dtype=torch.uint8)}
+
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         key = self.source_key(state_dict)
         if key is None:

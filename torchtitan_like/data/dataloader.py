@@ -5,7 +5,8 @@ corpus (builtin | local files | tokenized shards | Hugging Face) -> token stream
 yielding (inputs, labels) int64 tensors of shape (local_batch_size, seq_len).
 
 Training loaders reshuffle every epoch and never stop; validation loaders walk the split once in
-corpus order. `loader.state_dict()` / `load_state_dict()` resume the exact position. Tokenized text
+corpus order. `loader.state_dict()` / `load_state_dict()` resume the exact position, also under
+another data-parallel degree (sampler.py: the global position is kept). Tokenized text
 of the built-in corpus is cached per process, so building several loaders tokenizes it once.
 """
 
