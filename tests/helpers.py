@@ -32,3 +32,27 @@ def tiny_overrides(dump_folder: str, steps: int = 5) -> list[str]:
             "--job.dump_folder", dump_folder, "--training.steps", str(steps), "--training.seq_len", "32",
             "--training.local_batch_size", "2", "--lr_scheduler.warmup_steps", "1", "--validation.enable", "false",
             "--metrics.log_freq", "1"]
+
+
+def launch(target: list[str], nproc: int, timeout: float) -> str:
+    """Run `target` (e.g. ["-m", "torchtitan_like.train", ...] or [script, args...]) on one process,
+    or on `nproc` gloo ranks under torchrun; return its output. A hang kills the launcher and every
+    rank it started, and fails the test, as does a non-zero exit."""
+    import signal
+
+    if nproc == 1:
+        command = [sys.executable, *target]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+                   "127.0.0.1", "--master-port", str(free_port()), *target]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=REPO_ROOT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"{nproc}-process launch timed out after {timeout}s:\n{output[-4000:]}")
+    assert process.returncode == 0, f"{nproc}-process launch failed ({process.returncode}):\n{output[-6000:]}"
+    return output

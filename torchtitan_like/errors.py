@@ -29,3 +29,15 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f' (did you mean "{matches[0]}"?)' if matches else ""
+
+
+def run_command(run, argv) -> int:
+    """Run a command-line entry point: a `UserError` prints one `error:` line (no traceback) and
+    gives exit code 2."""
+    import sys
+
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE

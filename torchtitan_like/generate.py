@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchtitan_like.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
+from torchtitan_like.errors import ConfigError, UserError, run_command
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -188,11 +188,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT_CODE
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

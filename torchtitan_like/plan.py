@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchtitan_like.config import gradient_accumulation_steps, load_config, validate_config
-from torchtitan_like.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
+from torchtitan_like.errors import ConfigError, UserError, run_command
 from torchtitan_like.models import get_model_spec
 from torchtitan_like.parallelisms.fsdp import reshard_after_forward_policy
 from torchtitan_like.parallelisms.parallel_dims import ParallelDims
@@ -197,11 +197,7 @@ def plan(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return plan(sys.argv[1:] if argv is None else argv)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT_CODE
+    return run_command(plan, argv)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ start together, then the B runs: about 80 s in all on 2 CPU cores, against 190 s
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,7 +20,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from tests.helpers import REPO_ROOT, free_port
+from tests.helpers import REPO_ROOT
+from tests.helpers import launch as launch_process
 from torchtitan_like.checkpoint import folders
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.checkpoint.state import decode_blob
@@ -67,21 +65,7 @@ def launch(dump: str, nproc: int, local_batch_size: int, plan: tuple[str, ...], 
             "--checkpoint.last_save_model_only", "false", *plan]
     if initial_load_path:
         args += ["--checkpoint.initial_load_path", initial_load_path, "--checkpoint.initial_load_model_only", "false"]
-    if nproc == 1:
-        command = [sys.executable, "-m", "torchtitan_like.train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-                   "127.0.0.1", "--master-port", str(free_port()), "-m", "torchtitan_like.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               cwd=REPO_ROOT, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
-        output, _ = process.communicate()
-        raise AssertionError(f"{nproc}-process run timed out after {LAUNCH_TIMEOUT_SECONDS}s:\n{output[-4000:]}")
-    assert process.returncode == 0, f"{nproc}-process run failed ({process.returncode}):\n{output[-6000:]}"
+    launch_process(["-m", "torchtitan_like.train", *args], nproc, LAUNCH_TIMEOUT_SECONDS)
 
 
 def read_section(path: str, section: str) -> dict[str, torch.Tensor]:

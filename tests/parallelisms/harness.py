@@ -11,14 +11,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from tests.helpers import REPO_ROOT, free_port
+from tests.helpers import REPO_ROOT, launch
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_plan.py")
 STEPS = 5
@@ -103,21 +100,7 @@ def launch_world(out_dir: str, nproc: int, plan_names: list[str]) -> None:
     spec_path = os.path.join(out_dir, "spec.json")
     with open(spec_path, "w") as handle:
         json.dump({"out_dir": out_dir, "plans": {name: plan_overrides(PLANS[name]) for name in plan_names}}, handle)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if nproc == 1:
-        command = [sys.executable, WORKER, spec_path]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), WORKER, spec_path]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               cwd=REPO_ROOT, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
-        output, _ = process.communicate()
-        raise AssertionError(f"{nproc}-process launch timed out after {LAUNCH_TIMEOUT_SECONDS}s:\n{output[-4000:]}")
-    assert process.returncode == 0, f"{nproc}-process launch failed ({process.returncode}):\n{output[-6000:]}"
+    launch([WORKER, spec_path], nproc, LAUNCH_TIMEOUT_SECONDS)
 
 
 def load_results(plan_dir: str) -> tuple[list[float], dict[str, torch.Tensor]]:
