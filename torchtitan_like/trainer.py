@@ -1,10 +1,11 @@
 """The trainer: builds every piece from the config, then runs the training loop.
 
-The step reads like the algorithm: fetch batch, forward, loss, backward, clip, step, schedule, log
-(and, with the checkpoint subsystem, save). Parallel plans, kernels and metrics are called, not
-inlined. Construction order matters and is fixed here:
+The step reads like the algorithm: fetch batch, forward, loss, backward, clip, step, schedule, log,
+validate, checkpoint. Parallel plans, kernels, checkpointing and metrics are called, not inlined.
+Construction order matters and is fixed here:
 config checks -> process group + mesh -> data -> model on meta -> converters -> parallelize
--> materialize + seeded init -> optimizer + LR schedule -> metrics.
+-> materialize + seeded init -> optimizer + LR schedule -> checkpoint manager -> metrics;
+`train()` then resumes from the newest complete checkpoint before the first step.
 """
 
 from __future__ import annotations
