@@ -118,8 +118,11 @@ def bench_gemm(quick: bool, autotune: bool):
                 except Exception as exc:  # noqa: BLE001
                     error = float("nan")
                     print(f"  {label} at {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                _check(error < 1e-2, f"{label} at {name} M={m}: relative error {error:.3g}")
-                tflops[label] = _tflops(flops, fn) if error < 1e-2 else float("nan")
+                # Fast accumulation keeps fewer accumulator bits over long K: at K = 14336 both ours and
+                # _scaled_mm land at 1.1% relative error (H200, 2026-11-27), so it gets 2%.
+                tolerance = 2e-2 if fast else 1e-2
+                _check(error < tolerance, f"{label} at {name} M={m}: relative error {error:.3g}")
+                tflops[label] = _tflops(flops, fn) if error < tolerance else float("nan")
             row += [tflops[f"ours {tag}"], tflops[f"_smm {tag}"], 100 * tflops[f"ours {tag}"] / tflops[f"_smm {tag}"]]
         row.append(tflops["ours tw fast"] / tflops["bf16"])
         if autotune:
@@ -156,7 +159,8 @@ def bench_gemm_sweep(quick: bool):
                 fn = lambda: g.fp8_gemm(*tw, torch.bfloat16, use_fast_accum=fast, config=config)  # noqa: E731
                 try:
                     error = _relative_error(fn, tw)
-                    _check(error < 1e-2, f"sweep {config.name} fast={fast} at {name}: relative error {error:.3g}")
+                    _check(error < (2e-2 if fast else 1e-2),
+                           f"sweep {config.name} fast={fast} at {name}: relative error {error:.3g}")
                     value = _tflops(flops, fn)
                 except Exception as error:  # noqa: BLE001  e.g. a Triton without warp specialization
                     print(f"  {config.name} fast={fast}: {type(error).__name__}: {str(error)[:200]}", flush=True)
