@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint
 from torchtitan_like.config import gradient_accumulation_steps, to_toml, validate_config
-from torchtitan_like.data import build_dataloader, build_tokenizer
+from torchtitan_like.data import build_dataloader, build_tokenizer, check_dataset_paths
 from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, resolve_device,
                                                set_train_timeout, world_info)
 from torchtitan_like.errors import ConfigError
@@ -65,6 +65,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(config.model)
         self.spec, self.model_args = resolve_model_args(config, self.tokenizer)
         validate_config(config, self.model_args)
+        check_dataset_paths(config)
         self.parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
         self.parallel_dims.validate_model(self.model_args, config.training, config.parallelism, config.validation)
         self.grad_accum_steps = gradient_accumulation_steps(config.training, self.parallel_dims.dp)

@@ -99,6 +99,7 @@ BAD_INPUTS = [
      "selective_ac_option = 'x'"),
     (["--training.dataset", "local"], "training.dataset = 'local' needs training.dataset_path"),
     (["--training.dataset", "local", "--training.dataset_path", "/nonexistent/corpus"], "/nonexistent/corpus"),
+    (["--training.dataset", "tokenized", "--training.dataset_path", "/nonexistent/tokens"], "/nonexistent/tokens"),
 ]
 
 

@@ -7,7 +7,7 @@ Each module's docstring documents its formats and choices: sources.py (user corp
 """
 
 from torchtitan_like.data.builtin_corpus import load_builtin_documents
-from torchtitan_like.data.dataloader import build_dataloader, dataset_settings, load_tokens
+from torchtitan_like.data.dataloader import build_dataloader, check_dataset_paths, dataset_settings, load_tokens
 from torchtitan_like.data.packing import PackedSamples, TokenStream, encode_corpus, token_dtype
 from torchtitan_like.data.sampler import ShardedSampler
 from torchtitan_like.data.shards import load_token_shards
@@ -16,6 +16,7 @@ from torchtitan_like.data.tokenizers import ByteTokenizer, Tokenizer, build_toke
 
 __all__ = [
     "ByteTokenizer", "PackedSamples", "ShardedSampler", "TokenStream", "Tokenizer", "build_dataloader",
+    "check_dataset_paths",
     "build_tokenizer", "dataset_settings", "encode_corpus", "iter_documents", "load_builtin_documents",
     "load_token_shards", "load_tokenizer", "load_tokens", "token_dtype",
 ]

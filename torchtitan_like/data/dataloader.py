@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan_like.data.builtin_corpus import load_builtin_documents
 from torchtitan_like.data.packing import PackedSamples, TokenStream, collate_samples, encode_corpus
 from torchtitan_like.data.sampler import ShardedSampler
-from torchtitan_like.data.shards import load_token_shards
-from torchtitan_like.data.sources import iter_documents, iter_huggingface_documents
+from torchtitan_like.data.shards import ShardMetadata, load_token_shards
+from torchtitan_like.data.sources import iter_documents, iter_huggingface_documents, resolve_corpus_files
 from torchtitan_like.data.tokenizers import Tokenizer
 from torchtitan_like.errors import DataError
 
@@ -68,6 +69,18 @@ def dataset_settings(job_config: Any, split: str) -> DatasetSettings:
     seq_len = training.seq_len if validation.seq_len == -1 else validation.seq_len
     return DatasetSettings(validation.dataset, path, training.dataset_text_field,
                            validation.local_batch_size, seq_len, training.seed, split)
+
+
+def check_dataset_paths(job_config: Any) -> None:
+    """Fail fast on a corpus path that does not exist (or a prepare-data folder without metadata):
+    cheap, so the trainer runs it before any process group exists."""
+    splits = ["train"] + (["validation"] if job_config.validation.enable else [])
+    for split in splits:
+        settings = dataset_settings(job_config, split)
+        if settings.dataset == "local":
+            resolve_corpus_files(settings.path)
+        elif settings.dataset == "tokenized":
+            ShardMetadata.load(Path(settings.path))
 
 
 @functools.lru_cache(maxsize=4)
