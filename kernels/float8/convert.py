@@ -5,7 +5,8 @@ the LM head is sensitive and its vocab width is often not a multiple of 16) or w
 out_features is not a multiple of 16 (fp8 tensor-core GEMMs and `torch._scaled_mm` need it).
 The swap reuses the same Parameter objects, so fqns, checkpoints, the optimizer's parameter list
 and a later `fully_shard` (FSDP2) see exactly the model they would without float8. Apply it before
-tensor parallelism: a TP-sharded (DTensor) weight runs in high precision (see linear.py).
+tensor parallelism: ColwiseParallel / RowwiseParallel then shard the Float8Linear weights, which
+run their fp8 GEMMs on the local shards with TP-reduced scales (see linear.py).
 """
 
 from __future__ import annotations

@@ -28,13 +28,25 @@ torchao rounds rowwise scales down to powers of two; we keep exact scales (docum
 
 The forward GEMM uses fast accumulation, dgrad and wgrad do not (torchao's default Float8GemmConfig).
 
-Tensor parallel: a DTensor weight (TP-sharded) falls back to high-precision F.linear with a one-time
-warning: fp8 on local shards with per-shard scales would be valid math but the DTensor in/out
-layouts are not handled yet. FSDP2 composes (the weight stays an ordinary Parameter); the fp8
-all-gather of weights is not implemented (weights are gathered in their param dtype).
+Tensor parallel (DTensor weight from ColwiseParallel / RowwiseParallel): the three GEMMs run on the
+local shards, and every amax that spans shards is max-reduced over the TP group before its scale is
+taken, so each element is cast with exactly the scale the unsharded layer would use:
+
+    colwise  W Shard(0), x Replicate -> y Shard(-1); dx = go_local @ W_local is a partial sum.
+             Spanning shards: W's tensor scale, and go over N (its tensor scale, or in the rowwise
+             recipe the dgrad scales of go rows and of W columns).
+    rowwise  W Shard(1), x Shard(-1) -> y Partial (the style reduces it); dx, dW local.
+             Spanning shards: x and W along K (tensor scales, or rowwise the forward row scales).
+
+Casts whose amax needs the reduction run as torch ops (amax, all-reduce, multiply, cast; bit-equal to
+the kernels), the rest in the Triton kernels. FSDP2 composes (the weight stays an ordinary
+Parameter); the fp8 all-gather of weights is not implemented (weights are gathered in their param
+dtype).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -46,69 +58,135 @@ from torchtitan_like.kernels.float8.gemm import resolve_backend, scaled_mm
 RECIPES = ("tensorwise", "rowwise")
 
 
-def _quantizers(backend: str):
-    """The Triton kernels, or the torch references when emulating (CPU, no interpreter)."""
-    if backend == "emulate":
-        return q.tensorwise_quantize_reference_t, q.rowwise_quantize_reference, q.colwise_quantize_t_reference
-    return q.tensorwise_quantize, q.rowwise_quantize, q.colwise_quantize_t
+@dataclass(frozen=True)
+class AmaxReduction:
+    """Which amaxes of one fp8 matmul span tensor-parallel shards (max-reduced over `group`).
+
+    x, weight: the forward scales of x and W; grad_output: the dgrad scales of grad_output;
+    weight_t: the rowwise recipe's dgrad scales of W (per column, over N).
+    """
+
+    group: object
+    x: bool = False
+    weight: bool = False
+    grad_output: bool = False
+    weight_t: bool = False
+
+    @staticmethod
+    def for_layout(layout: str, recipe: str, group) -> "AmaxReduction":
+        """The reductions of a "colwise" (W split over N) or "rowwise" (W split over K) layer."""
+        if layout == "rowwise":
+            return AmaxReduction(group, x=True, weight=True)
+        if recipe == "tensorwise":
+            return AmaxReduction(group, weight=True, grad_output=True)
+        return AmaxReduction(group, grad_output=True, weight_t=True)
+
+
+def _all_reduce_max(amax: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed._functional_collectives as funcol  # traceable under torch.compile
+
+    return funcol.wait_tensor(funcol.all_reduce(amax, "max", group))
+
+
+class _Quantizers:
+    """The casts one matmul needs: Triton kernels, or the torch references when emulating; a cast
+    whose amax spans TP shards (`group` given) reduces its amax first and casts in torch."""
+
+    def __init__(self, backend: str):
+        emulate = backend == "emulate"
+        self._tensorwise = q.tensorwise_quantize_reference_t if emulate else q.tensorwise_quantize
+        self._rowwise = q.rowwise_quantize_reference if emulate else q.rowwise_quantize
+        self._colwise_t = q.colwise_quantize_t_reference if emulate else q.colwise_quantize_t
+
+    def tensorwise(self, t, dtype, transpose, scale=None, group=None):
+        """(t_fp8 | None, t_fp8^T | None, scale) with one scale; `scale` reuses an earlier one."""
+        if scale is None and group is not None:
+            scale = q.amax_to_scale_reference(_all_reduce_max(t.abs().amax().float(), group), dtype)
+        return self._tensorwise(t, dtype, transpose, scale=scale)
+
+    def rowwise(self, t, dtype, group=None):
+        """(t_fp8 (R, C), scale (R, 1)): one scale per row."""
+        if group is None:
+            return self._rowwise(t, dtype)
+        scale = q.amax_to_scale_reference(_all_reduce_max(t.abs().amax(dim=1, keepdim=True).float(), group), dtype)
+        return q.to_float8_reference(t, scale, dtype), scale
+
+    def colwise_t(self, t, dtype, group=None):
+        """(t^T fp8 (C, R) contiguous, scale (C, 1)): one scale per column, written transposed."""
+        if group is None:
+            return self._colwise_t(t, dtype)
+        amax = _all_reduce_max(t.abs().amax(dim=0, keepdim=True).float(), group).t()
+        scale = q.amax_to_scale_reference(amax, dtype)
+        return q.to_float8_reference(t.t(), scale, dtype).contiguous(), scale
 
 
 class _Float8MatmulFn(torch.autograd.Function):
     """y = x @ W^T with x 2D; all three GEMMs in fp8 (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, recipe, backend):
-        tensorwise, rowwise, _ = _quantizers(backend)
-        ctx.recipe, ctx.backend = recipe, backend
+    def forward(ctx, x, weight, recipe, backend, reduction):
+        cast = _Quantizers(backend)
+        group = _groups(reduction)
+        ctx.recipe, ctx.backend, ctx.reduction = recipe, backend, reduction
         if recipe == "tensorwise":
-            x_fp8, x_fp8_t, x_scale = tensorwise(x, q.E4M3, "also")
-            w_fp8, _, w_scale = tensorwise(weight, q.E4M3, "no")
+            x_fp8, x_fp8_t, x_scale = cast.tensorwise(x, q.E4M3, "also", group=group["x"])
+            w_fp8, _, w_scale = cast.tensorwise(weight, q.E4M3, "no", group=group["weight"])
             ctx.save_for_backward(x_fp8_t, x_scale, weight, w_scale)
             return scaled_mm(x_fp8, w_fp8.t(), x_scale.reciprocal(), w_scale.reciprocal(), x.dtype, backend,
                              use_fast_accum=True)
-        x_fp8, x_scale = rowwise(x, q.E4M3)
-        w_fp8, w_scale = rowwise(weight, q.E4M3)
+        x_fp8, x_scale = cast.rowwise(x, q.E4M3, group["x"])
+        w_fp8, w_scale = cast.rowwise(weight, q.E4M3, group["weight"])
         ctx.save_for_backward(x, weight)
         return scaled_mm(x_fp8, w_fp8.t(), x_scale.reciprocal(), w_scale.reciprocal().t(), x.dtype, backend,
                          use_fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_output):
-        tensorwise, rowwise, colwise_t = _quantizers(ctx.backend)
+        cast = _Quantizers(ctx.backend)
+        group = _groups(ctx.reduction)
         backend = ctx.backend
         go = grad_output.contiguous()
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dw = None
         if ctx.recipe == "tensorwise":
             x_fp8_t, x_scale, weight, w_scale = ctx.saved_tensors
-            go_fp8, go_fp8_t, go_scale = tensorwise(go, q.E5M2, "also")
+            go_fp8, go_fp8_t, go_scale = cast.tensorwise(go, q.E5M2, "also", group=group["grad_output"])
             if need_dx:
-                _, w_fp8_t, _ = tensorwise(weight, q.E4M3, "only", scale=w_scale)  # (K, N)
+                _, w_fp8_t, _ = cast.tensorwise(weight, q.E4M3, "only", scale=w_scale)  # (K, N)
                 dx = scaled_mm(go_fp8, w_fp8_t.t(), go_scale.reciprocal(), w_scale.reciprocal(), go.dtype, backend)
             if need_dw:
                 dw = scaled_mm(go_fp8_t, x_fp8_t.t(), go_scale.reciprocal(), x_scale.reciprocal(), weight.dtype,
                                backend)
-            return dx, dw, None, None
+            return dx, dw, None, None, None
         x, weight = ctx.saved_tensors
         if need_dx:
-            go_fp8, go_scale = rowwise(go, q.E4M3)            # (M, N), (M, 1)
-            w_fp8_t, w_scale_t = colwise_t(weight, q.E4M3)    # (K, N), (K, 1)
+            go_fp8, go_scale = cast.rowwise(go, q.E4M3, group["grad_output"])          # (M, N), (M, 1)
+            w_fp8_t, w_scale_t = cast.colwise_t(weight, q.E4M3, group["weight_t"])     # (K, N), (K, 1)
             dx = scaled_mm(go_fp8, w_fp8_t.t(), go_scale.reciprocal(), w_scale_t.reciprocal().t(), x.dtype, backend)
         if need_dw:
-            go_fp8_t, go_scale_t = colwise_t(go, q.E4M3)      # (N, M), (N, 1)
-            x_fp8_t, x_scale_t = colwise_t(x, q.E4M3)         # (K, M), (K, 1)
+            go_fp8_t, go_scale_t = cast.colwise_t(go, q.E4M3)      # (N, M), (N, 1)
+            x_fp8_t, x_scale_t = cast.colwise_t(x, q.E4M3)         # (K, M), (K, 1)
             dw = scaled_mm(go_fp8_t, x_fp8_t.t(), go_scale_t.reciprocal(), x_scale_t.reciprocal().t(),
                            weight.dtype, backend)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
-def float8_mm(x: torch.Tensor, weight: torch.Tensor, recipe: str = "tensorwise", backend: str = "triton") -> torch.Tensor:
+def _groups(reduction: AmaxReduction | None) -> dict:
+    """operand -> the group its amax is reduced over, or None (local amax)."""
+    names = ("x", "weight", "grad_output", "weight_t")
+    if reduction is None:
+        return dict.fromkeys(names)
+    return {name: reduction.group if getattr(reduction, name) else None for name in names}
+
+
+def float8_mm(x: torch.Tensor, weight: torch.Tensor, recipe: str = "tensorwise", backend: str = "triton",
+              reduction: AmaxReduction | None = None) -> torch.Tensor:
     """Differentiable x (..., K) @ weight(N, K)^T in fp8; backend already resolved
-    ("triton" | "torch" | "emulate")."""
+    ("triton" | "torch" | "emulate"); `reduction` for the local shards of a TP layer."""
     if recipe not in RECIPES:
         raise ValueError(f"float8 recipe must be one of {RECIPES}, got {recipe!r}")
     x2d = x.reshape(-1, x.shape[-1])
-    y = _Float8MatmulFn.apply(x2d if x2d.is_contiguous() else x2d.contiguous(), weight, recipe, backend)
+    y = _Float8MatmulFn.apply(x2d if x2d.is_contiguous() else x2d.contiguous(), weight, recipe, backend, reduction)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -156,18 +234,63 @@ class Float8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if type(weight).__name__ == "DTensor" or type(x).__name__ == "DTensor":
-            if not self._warned_dtensor:
-                from torchtitan_like.logging import logger
-                logger.warning("Float8Linear: DTensor (tensor-parallel) weight; running this layer in high precision")
-                self._warned_dtensor = True
-            return F.linear(x, weight, self.bias)
         if torch.is_autocast_enabled(x.device.type):  # match nn.Linear under autocast: compute in its dtype
             x = x.to(torch.get_autocast_dtype(x.device.type))
         backend = resolve_backend(self.backend, x.device, self.emulate)
-        y = float8_mm(x, weight, self.recipe, backend)
+        if _is_dtensor(self.weight) or _is_dtensor(x):
+            return self._forward_tensor_parallel(x, backend)
+        y = float8_mm(x, self.weight, self.recipe, backend)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_tensor_parallel(self, x, backend: str):
+        """fp8 on the local shards of a ColwiseParallel / RowwiseParallel layer (module docstring);
+        other layouts run in high precision with a one-time warning."""
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+        weight = self.weight
+        layout = _tensor_parallel_layout(weight, x)
+        if layout is None:
+            if not self._warned_dtensor:
+                from torchtitan_like.logging import logger
+                placements = getattr(weight, "placements", None)
+                logger.warning(f"Float8Linear: weight placements {placements} are not a 1-D colwise/rowwise "
+                               "tensor-parallel layout; running this layer in high precision")
+                self._warned_dtensor = True
+            return F.linear(x, weight, self.bias)
+        mesh, last_dim = weight.device_mesh, x.ndim - 1
+        reduction = AmaxReduction.for_layout(layout, self.recipe, mesh.get_group())
+        if layout == "colwise":
+            x = x.redistribute(mesh, [Replicate()])
+            # every rank's dx is a partial sum over its slice of N
+            y_local = float8_mm(x.to_local(grad_placements=[Partial()]), weight.to_local(), self.recipe, backend,
+                                reduction)
+            if self.bias is not None:
+                y_local = y_local + self.bias.to_local().to(y_local.dtype)
+            return DTensor.from_local(y_local, mesh, [Shard(last_dim)], run_check=False)
+        x = x.redistribute(mesh, [Shard(last_dim)])
+        y_local = float8_mm(x.to_local(), weight.to_local(), self.recipe, backend, reduction)
+        y = DTensor.from_local(y_local, mesh, [Partial()], run_check=False)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}, backend={self.backend}, emulate={self.emulate}"
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _tensor_parallel_layout(weight, x) -> str | None:
+    """"colwise" (W Shard(0)), "rowwise" (W Shard(1)) on a 1-D mesh with a DTensor input, else None."""
+    from torch.distributed.tensor import Shard
+
+    if not (_is_dtensor(weight) and _is_dtensor(x)) or weight.device_mesh.ndim != 1 or x.device_mesh != weight.device_mesh:
+        return None
+    placement = weight.placements[0]
+    if placement == Shard(0):
+        return "colwise"
+    if placement == Shard(1):
+        return "rowwise"
+    return None

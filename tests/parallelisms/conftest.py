@@ -35,7 +35,7 @@ def assert_plan_matches_reference(plan_results):
     single-process run on the same global batch."""
 
     def check(name: str) -> None:
-        reference = plan_results(f"reference_batch{PLANS[name].reference_batch_size}")
+        reference = plan_results(PLANS[name].reference_name())
         assert_same_training(plan_results(name), reference)
 
     return check

@@ -31,14 +31,23 @@ class Plan:
     reference_batch_size: int  # the single-process batch equal to the union of the DP batches
     overrides: tuple[str, ...] = ()
     local_batch_size: int = 4
+    reference: str = ""  # the plan to compare against; default f"reference_batch{reference_batch_size}"
+
+    def reference_name(self) -> str:
+        return self.reference or f"reference_batch{self.reference_batch_size}"
 
 
 PP2 = ("--parallelism.pipeline_parallel_degree", "2")
+# emulated fp8 (fp32 matmuls of fp8-rounded operands): under TP the layers run on local shards with
+# amaxes reduced over the TP group, so every operand is cast with the single process's scale
+FLOAT8 = ("--float8.enable", "true", "--float8.emulate", "true")
 PLANS: dict[str, Plan] = {
     # single-process references, then one-process plans compared against them
     "reference_batch4": Plan(1, 4),
     "reference_batch8": Plan(1, 8, local_batch_size=8),
     "reference_batch16": Plan(1, 16, local_batch_size=16),
+    "reference_batch4_float8": Plan(1, 4, FLOAT8),
+    "reference_batch8_float8_rowwise": Plan(1, 8, (*FLOAT8, "--float8.recipe_name", "rowwise"), local_batch_size=8),
     "grad_accumulation_2": Plan(1, 8, ("--training.global_batch_size", "8")),
     "ac_full": Plan(1, 4, ("--activation_checkpoint.mode", "full")),
     "ac_selective_every_2nd_layer": Plan(1, 4, ("--activation_checkpoint.mode", "selective",
@@ -48,6 +57,8 @@ PLANS: dict[str, Plan] = {
     # 2 processes
     "fsdp2": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2")),
     "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),
+    "tp2_float8": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *FLOAT8),
+                       reference="reference_batch4_float8"),
     "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),
     "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B")),
     # 2 virtual stages per rank: 4 stages of 1 layer
@@ -58,6 +69,10 @@ PLANS: dict[str, Plan] = {
                                                      "2", "--training.global_batch_size", "8")),
     # V-shaped zero-bubble schedule: stages (0, 3) on rank 0, (1, 2) on rank 1
     "pp2_zbv_zero_bubble": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble")),
+    # looped schedules with 2 virtual stages per rank: breadth-first, and zero-bubble (split backward)
+    "pp2_looped_bfs": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "LoopedBFS")),
+    "pp2_interleaved_zero_bubble": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule",
+                                               "InterleavedZeroBubble")),
     # per-block compile (aot_eager: the graph capture without slow C++ codegen) over per-op AC and FSDP
     "fsdp2_compile_selective_op_ac": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2",
                                                  "--compile.enable", "true", "--compile.backend", "aot_eager",
@@ -69,6 +84,10 @@ PLANS: dict[str, Plan] = {
                              "--parallelism.data_parallel_shard_degree", "2")),
     "fsdp2_x_tp2": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
                                "--parallelism.tensor_parallel_degree", "2")),
+    "fsdp2_x_tp2_float8_rowwise": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
+                                              "--parallelism.tensor_parallel_degree", "2", *FLOAT8,
+                                              "--float8.recipe_name", "rowwise"),
+                                       reference="reference_batch8_float8_rowwise"),
     "fsdp2_x_tp2_no_loss_parallel": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
                                                 "--parallelism.tensor_parallel_degree", "2",
                                                 "--parallelism.disable_loss_parallel", "true")),

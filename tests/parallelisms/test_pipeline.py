@@ -1,4 +1,4 @@
-"""Pipeline parallel (GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble) alone and composed with FSDP and TP matches one
+"""Pipeline parallel (GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble) alone and composed with FSDP and TP matches one
 process: the schedule's microbatch losses are scaled so that they sum to the batch mean."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("plan", ["pp2_gpipe", "pp2_1f1b", "pp2_interleaved_1f1b", "pp2_zbv_zero_bubble"])
+@pytest.mark.parametrize("plan", ["pp2_gpipe", "pp2_1f1b", "pp2_interleaved_1f1b", "pp2_looped_bfs",
+                                  "pp2_interleaved_zero_bubble", "pp2_zbv_zero_bubble"])
 def test_pp2_schedule_matches_single_process(assert_plan_matches_reference, plan):
     assert_plan_matches_reference(plan)
 
