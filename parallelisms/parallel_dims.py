@@ -172,8 +172,16 @@ class ParallelDims:
             raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} needs the number of microbatches "
                               f"({n_microbatches}) to be a multiple of pipeline_parallel_degree = {self.pp}")
 
-    def validate_features(self, parallelism, compile_config, device_type: str) -> None:
-        """Checks that need the device: async TP runs only on CUDA with torch.compile."""
+    def validate_features(self, parallelism, compile_config, device_type: str, cpu_offload: bool = False) -> None:
+        """Checks that need the device: async TP runs only on CUDA with torch.compile; FSDP CPU
+        offload moves sharded state between a GPU and host memory, so it needs both."""
+        if cpu_offload:
+            if device_type != "cuda":
+                raise ConfigError("training.enable_cpu_offload = true keeps FSDP parameters, gradients and optimizer "
+                                  f"state in host memory for a GPU run; this run is on {device_type}: set it to false")
+            if not self.fsdp_enabled:
+                raise ConfigError("training.enable_cpu_offload = true offloads FSDP-sharded state and needs a data-"
+                                  "parallel degree > 1 (data_parallel_shard_degree or data_parallel_replicate_degree)")
         if parallelism.enable_async_tensor_parallel:
             if device_type != "cuda":
                 raise ConfigError("parallelism.enable_async_tensor_parallel = true needs CUDA (symmetric memory); "

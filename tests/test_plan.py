@@ -78,3 +78,11 @@ def test_pipeline_schedules_hold_the_documented_microbatches():
     assert in_flight_microbatches("GPipe", 4, 16, 1) == 16
     assert in_flight_microbatches("Interleaved1F1B", 8, 8, 2) == 8  # capped by the microbatches
     assert in_flight_microbatches("Interleaved1F1B", 4, 16, 2) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_cpu_offload_without_data_parallel_exits_2():
+    # One GPU has no FSDP-sharded state to offload: the flag would silently do nothing.
+    result = run_cli(["--config", _config("llama3_8b_8layers_bench.toml"), "--ngpu", "1",
+                      "--training.enable_cpu_offload", "true"], module="torchtitan_like.plan")
+    assert result.returncode == 2, result.stderr
+    assert "training.enable_cpu_offload = true offloads FSDP-sharded state" in result.stderr

@@ -70,7 +70,8 @@ class Trainer:
         self.parallel_dims.validate_model(self.model_args, config.training, config.parallelism, config.validation)
         self.grad_accum_steps = gradient_accumulation_steps(config.training, self.parallel_dims.dp)
         self.device = resolve_device(config.training.device)
-        self.parallel_dims.validate_features(config.parallelism, config.compile, self.device.type)
+        self.parallel_dims.validate_features(config.parallelism, config.compile, self.device.type,
+                                             cpu_offload=config.training.enable_cpu_offload)
         if config.float8.enable or "float8" in config.model.converters:
             from torchtitan_like.kernels.float8 import check_float8_support
 

@@ -57,6 +57,9 @@ INVALID_CASES = {
     "async_tp_on_cpu": (2, ["--parallelism.tensor_parallel_degree", "2",
                             "--parallelism.enable_async_tensor_parallel", "true", "--training.device", "cpu"],
                         "needs CUDA"),
+    "cpu_offload_on_cpu": (2, ["--parallelism.data_parallel_shard_degree", "2", "--training.enable_cpu_offload", "true",
+                               "--training.device", "cpu"],
+                           "training.enable_cpu_offload = true keeps FSDP"),
 }
 
 
