@@ -4,7 +4,8 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_bf16_cudnn rmsnorm float8 train_fp8 train_bf16_torchnorm),
+# Knobs: SUITE_SKIP (names: train_bf16 profile_bf16 train_bf16_cudnn rmsnorm float8 train_fp8
+# train_bf16_torchnorm),
 # SUITE_STEPS (18),
 # SUITE_BUDGET_S (seconds for the whole suite; sections shrink to fit).
 set -u
@@ -21,7 +22,6 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 STEPS=${SUITE_STEPS:-18}
 BUDGET=${SUITE_BUDGET_S:-100000}  # seconds for the whole suite
-LAST_RC=0
 SKIP=" ${SUITE_SKIP:-} "
 SUMMARY=$LOGS/ours_summary.md
 : >"$SUMMARY"
@@ -37,7 +37,6 @@ section() {  # section NAME LIMIT_SECONDS CMD...
   echo "[suite] $name: start (limit ${limit}s)"
   timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
-  LAST_RC=$rc
   echo "[suite] $name: rc=$rc after $(( SECONDS - t0 ))s"
   { echo "### $name (rc=$rc, $(( SECONDS - t0 ))s)"; grep -E '^\|' "$LOGS/$name.log"; echo; } >>"$SUMMARY"
   (( rc != 0 )) && tail -n 25 "$LOGS/$name.log"
@@ -51,6 +50,8 @@ python3 -c 'import torch, triton; print("[suite] torch", torch.__version__, "tri
 BENCH=(python3 benchmarks/throughput.py --config train_configs/llama3_8b_8layers_bench.toml --steps "$STEPS" --warmup 6)
 section train_bf16 130 "${BENCH[@]}" --label "bf16 triton-rmsnorm" --json "$LOGS/train_bf16.json" \
   --model.norm_type triton_rmsnorm
+section profile_bf16 120 python3 benchmarks/profile_step.py --config train_configs/llama3_8b_8layers_bench.toml \
+  --warmup 6 --steps 3 --label "bf16 torch-rmsnorm, kernel time by kind" --json "$LOGS/profile_bf16.json"
 section train_bf16_cudnn 130 "${BENCH[@]}" --label "bf16 triton-rmsnorm cudnn-attention" \
   --json "$LOGS/train_bf16_cudnn.json" --model.norm_type triton_rmsnorm --model.sdpa_backend cudnn
 section rmsnorm 110 python3 benchmarks/bench_rmsnorm.py --sweep --json "$LOGS/rmsnorm.json"

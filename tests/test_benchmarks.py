@@ -32,3 +32,40 @@ def test_gpu_benchmarks_exit_cleanly_without_cuda(script):
     result = run_script(script, "--quick", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CUDA" in result.stdout + result.stderr
+
+
+def test_profile_step_groups_the_debug_model_step_by_kind(tmp_path):
+    out = tmp_path / "profile.json"
+    result = run_script("benchmarks/profile_step.py", "--config", "train_configs/debug_model.toml", "--warmup", "1",
+                        "--steps", "1", "--json", str(out), "--training.seq_len", "32",
+                        "--lr_scheduler.warmup_steps", "1", "--validation.enable", "false",
+                        "--job.dump_folder", str(tmp_path / "run"), "--metrics.enable_tensorboard", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| kind | ms/step | % of kernel time |" in result.stdout
+    summary = json.loads(out.read_text())
+    kinds = {row["kind"]: row["ms_per_step"] for row in summary["kinds"]}
+    # The step's matmuls, attention and AdamW are each found, and the kinds add up to the total.
+    assert kinds["matmul"] > 0 and kinds["attention"] > 0 and kinds["optimizer"] > 0
+    assert abs(sum(kinds.values()) - summary["kernel_ms"]) < 1e-6 * max(summary["kernel_ms"], 1.0)
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_cublas", "matmul"),
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "matmul"),
+    ("triton_tem_fused_mm_0", "matmul"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_128x128x128", "attention"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4, ADAM_MODE(1), false>>", "optimizer"),
+    ("_rms_norm_bwd_kernel", "rmsnorm"),
+    ("_block_amax_kernel", "fp8 cast"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
+    ("Memcpy DtoD (Device -> Device)", "copy/fill"),
+    ("triton_poi_fused_add_mul_silu_0", "fused elementwise"),
+])
+def test_profile_step_kinds_of_gpu_kernel_names(name, kind):
+    sys.path.insert(0, f"{REPO_ROOT}/benchmarks")
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(f"{REPO_ROOT}/benchmarks")
+    assert profile_step.kind_of(name) == kind

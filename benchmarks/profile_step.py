@@ -1,0 +1,144 @@
+"""Where the time of one training step goes: device kernels grouped by kind, per step.
+
+    python benchmarks/profile_step.py --config train_configs/llama3_8b_8layers_bench.toml \
+        [--warmup 6] [--steps 3] [--top 15] [--json out.json] [--trace trace.json] [--section.key value ...]
+
+Builds the real `Trainer`, runs `--warmup` untimed steps (compile, allocator), then records
+`--steps` steps under `torch.profiler` and prints two markdown tables: milliseconds per step for
+each kind of kernel (matmul, attention, optimizer, norm, fp8 casts, other fused elementwise,
+collectives, copies) with its share of the profiled kernel time, and the `--top` kernels by total
+time. On CUDA the rows are GPU kernels; on CPU (smoke tests) they are the CPU ops at the bottom
+of the call tree (self time). Kernel time is not step time: gaps where the device waits for the
+host show up as the difference between the two, printed as "idle".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+# First match wins; names are lower-cased kernel (or op) names.
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("optimizer", ("adam", "multi_tensor_apply", "foreach", "lerp", "addcdiv", "addcmul")),
+    ("rmsnorm", ("rms_norm", "rmsnorm")),
+    ("fp8 cast", ("_block_amax", "_scale_cast", "_rowwise_kernel", "amax")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "triton_tem_", "aten::mm", "addmm", "bmm",
+                "scaled_mm", "wgmma")),
+    ("collective", ("nccl", "gloo", "allreduce", "all_gather", "reduce_scatter")),
+    ("copy/fill", ("memcpy", "memset", "copy_", "fill_", "zero_", "cat", "contiguous")),
+    ("fused elementwise", ("triton_", "fused_", "elementwise", "vectorized", "reduce_kernel")),
+)
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "other"
+
+
+def kernel_times_us(profiler, on_cuda: bool) -> dict[str, float]:
+    """Kernel (CUDA) or leaf-op (CPU self time) name -> total microseconds over the profiled steps."""
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages():
+        if on_cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            micros = event.self_device_time_total
+        else:
+            micros = event.self_cpu_time_total
+            if event.key.startswith("ProfilerStep"):
+                continue
+        if micros > 0:
+            totals[event.key] = totals.get(event.key, 0.0) + micros
+    return totals
+
+
+def summarize(totals_us: dict[str, float], steps: int, step_ms: float, top: int) -> dict:
+    by_kind: dict[str, float] = {}
+    for name, micros in totals_us.items():
+        kind = kind_of(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + micros
+    kernel_ms = sum(totals_us.values()) / 1000.0 / steps
+    kinds = sorted(((kind, micros / 1000.0 / steps) for kind, micros in by_kind.items()), key=lambda item: -item[1])
+    top_kernels = sorted(totals_us.items(), key=lambda item: -item[1])[:top]
+    return {"step_ms": step_ms, "kernel_ms": kernel_ms, "idle_ms": max(step_ms - kernel_ms, 0.0),
+            "kinds": [{"kind": kind, "ms_per_step": ms, "pct_of_kernel_time": 100.0 * ms / kernel_ms if kernel_ms else 0.0}
+                      for kind, ms in kinds],
+            "top": [{"name": name, "kind": kind_of(name), "ms_per_step": micros / 1000.0 / steps}
+                    for name, micros in top_kernels]}
+
+
+def print_tables(summary: dict, label: str) -> None:
+    print(f"{label}: step {summary['step_ms']:.2f} ms, kernels {summary['kernel_ms']:.2f} ms, "
+          f"idle {summary['idle_ms']:.2f} ms (per step)")
+    print("| kind | ms/step | % of kernel time |")
+    print("|---|---:|---:|")
+    for row in summary["kinds"]:
+        print(f"| {row['kind']} | {row['ms_per_step']:.2f} | {row['pct_of_kernel_time']:.1f} |")
+    print()
+    print("| kernel | kind | ms/step |")
+    print("|---|---|---:|")
+    for row in summary["top"]:
+        name = row["name"] if len(row["name"]) <= 90 else row["name"][:87] + "..."
+        print(f"| `{name.replace('|', '/')}` | {row['kind']} | {row['ms_per_step']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--warmup", type=int, default=6, help="untimed steps before profiling")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed by total time")
+    parser.add_argument("--json", default="", help="write the summary here")
+    parser.add_argument("--trace", default="", help="also write a Chrome trace here")
+    parser.add_argument("--label", default="torchtitan_like")
+    args, overrides = parser.parse_known_args(argv)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from torchtitan_like.config import load_config
+    from torchtitan_like.logging import init_logger
+    from torchtitan_like.trainer import Trainer
+
+    init_logger()
+    total_steps = args.warmup + args.steps
+    config, _ = load_config(["--config", args.config, "--training.steps", str(total_steps), *overrides])
+    trainer = Trainer(config)
+    on_cuda = trainer.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    iterator = iter(trainer.dataloader)
+    for step in range(1, args.warmup + 1):
+        trainer.train_step(iterator)
+        trainer.step = step
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for step in range(args.warmup + 1, total_steps + 1):
+            trainer.train_step(iterator)
+            trainer.step = step
+        sync()
+        step_ms = (time.perf_counter() - start) * 1000.0 / args.steps
+    summary = summarize(kernel_times_us(profiler, on_cuda), args.steps, step_ms, args.top)
+    summary.update(label=args.label, device=torch.cuda.get_device_name(trainer.device) if on_cuda else "cpu",
+                   torch=torch.__version__, overrides=overrides, profiled_steps=args.steps)
+    if trainer.rank == 0:
+        print_tables(summary, args.label)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(summary, handle, indent=1)
+        if args.trace:
+            profiler.export_chrome_trace(args.trace)
+    trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
