@@ -381,5 +381,19 @@ class TritonRMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
+    def add_and_norm(self, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + update, self(x + update)): a pre-norm block's residual add and the next norm.
+
+        One fused kernel pass on plain tensors; `update` is first promoted to x's dtype, as `x +
+        update` would (bf16 sub-layer outputs into an fp32 residual stream under autocast), so the
+        sum is bit-equal. DTensors (sequence parallel) take the unfused path.
+        """
+        if _is_dtensor(x) or _is_dtensor(update) or _is_dtensor(self.weight) or not triton_available_for(x) \
+                or update.shape != x.shape:
+            summed = x + update
+            return summed, self(summed)
+        normed, summed = fused_add_rms_norm(x, update.to(x.dtype), self.weight, self.eps)
+        return summed, normed
+
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

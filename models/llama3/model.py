@@ -77,6 +77,14 @@ def build_norm(args: Llama3Args) -> nn.Module:
     return nn.RMSNorm(args.dim, eps=args.norm_eps)
 
 
+def add_and_norm(norm: nn.Module, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + update and norm(h); a norm with its own `add_and_norm` (the Triton one) fuses both."""
+    if hasattr(norm, "add_and_norm"):
+        return norm.add_and_norm(x, update)
+    h = x + update
+    return h, norm(h)
+
+
 class Attention(nn.Module):
     def __init__(self, args: Llama3Args):
         super().__init__()
@@ -122,8 +130,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = build_norm(args)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h, normed = add_and_norm(self.ffn_norm, x, self.attention(self.attention_norm(x), rope))
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):

@@ -229,7 +229,7 @@ def test_launch_heuristics_cover_hidden_sizes_up_to_16384_and_beyond():
         rmsnorm._check_hidden(rmsnorm.MAX_HIDDEN + 1)
 
 
-def test_llama3_debugmodel_with_triton_rmsnorm_matches_nn_rmsnorm():
+def test_llama3_debugmodel_with_triton_rmsnorm_matches_nn_rmsnorm(monkeypatch):
     from torchtitan_like.models.llama3 import Transformer, get_flavor
 
     def build(norm_type):
@@ -247,11 +247,15 @@ def test_llama3_debugmodel_with_triton_rmsnorm_matches_nn_rmsnorm():
     assert sum(isinstance(m, TritonRMSNorm) for m in triton_model.modules()) == 3
     tokens = torch.randint(0, 258, (2, 16))
     losses = []
+    fused_calls = []
+    fused = rmsnorm.fused_add_rms_norm
+    monkeypatch.setattr(rmsnorm, "fused_add_rms_norm", lambda *args: fused_calls.append(1) or fused(*args))
     for model in (reference, triton_model):
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         losses.append(loss)
+    assert len(fused_calls) == 1  # the block's residual add and ffn_norm ran as the fused kernel
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     grads = dict(reference.named_parameters())
     for name, param in triton_model.named_parameters():
@@ -296,3 +300,16 @@ def test_module_on_sequence_parallel_dtensors_matches_full_reference(tmp_path):
     assert_matches(y, y_ref, torch.float32, "y")
     assert_matches(dx, dx_ref, torch.float32, "dx", dx_scale)
     assert_matches(dw, dw_ref, torch.float32, "dweight", dw_scale)
+
+
+def test_add_and_norm_promotes_a_bf16_update_into_an_fp32_stream_bit_exactly():
+    # Under autocast the residual stream is fp32 and sub-layer outputs are bf16.
+    norm = TritonRMSNorm(48, eps=EPS)
+    with torch.no_grad():
+        norm.weight.copy_(random_weight(48, torch.float32))
+    x, update = torch.randn(3, 5, 48), torch.randn(3, 5, 48).to(torch.bfloat16)
+    summed, normed = norm.add_and_norm(x, update)
+    expected_sum = x + update
+    assert summed.dtype == normed.dtype == torch.float32
+    assert torch.equal(summed, expected_sum)
+    torch.testing.assert_close(normed, norm(expected_sum), rtol=0, atol=0)
