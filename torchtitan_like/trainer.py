@@ -25,6 +25,7 @@ from torchtitan_like.distributed.setup import (destroy_process_group, init_proce
                                                set_train_timeout, world_info)
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.fault_injection import maybe_inject_fault
+from torchtitan_like.kernels.float8.fsdp import precompute_float8_scales
 from torchtitan_like.logging import logger
 from torchtitan_like.losses import cross_entropy_loss
 from torchtitan_like.metrics import MetricsLogger
@@ -240,6 +241,8 @@ class Trainer:
             loss += self.forward_backward(inputs, labels)
         grad_norm = self.clip_gradients()
         self.optimizer.step()
+        if self.config.float8.precompute_float8_dynamic_scale_for_fsdp:
+            precompute_float8_scales(self.model_parts)
         self.lr_scheduler.step()
         return loss, grad_norm, data_seconds
 

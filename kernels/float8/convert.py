@@ -7,6 +7,14 @@ The swap reuses the same Parameter objects, so fqns, checkpoints, the optimizer'
 and a later `fully_shard` (FSDP2) see exactly the model they would without float8. Apply it before
 tensor parallelism: ColwiseParallel / RowwiseParallel then shard the Float8Linear weights, which
 run their fp8 GEMMs on the local shards with TP-reduced scales (see linear.py).
+
+`enable_fsdp_float8_all_gather` wraps each swapped weight in fsdp.Float8AllGatherWeight (a new
+Parameter around the same storage), so that a later `fully_shard` all-gathers it in fp8 (tensorwise
+only); the layer's state dict holds the plain weight, so checkpoints do not change. It is rejected
+with tensor parallel (ConfigError at start-up). Without FSDP (data-parallel degree 1) it is a no-op:
+the wrapper behaves like the plain weight and Float8Linear casts it as usual (config/validate.py
+logs an info line when the config sets both data-parallel degrees to 1).
+`precompute_float8_dynamic_scale_for_fsdp` needs the all-gather flag.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from torchtitan_like.errors import ConfigError
+from torchtitan_like.kernels.float8.fsdp import Float8AllGatherWeight, unwrap_weight_in_state_dict
 from torchtitan_like.kernels.float8.linear import Float8Linear
 from torchtitan_like.logging import logger
 
@@ -50,14 +59,22 @@ def check_float8_support(device: torch.device | str, float8_config) -> None:
         f"or float8.enable = false.")
 
 
-def _validate(float8_config) -> None:
+def validate_float8_config(float8_config, parallelism=None) -> None:
+    """Raise ConfigError for [float8] combinations that cannot run (config/validate.py calls this at
+    start-up with the [parallelism] section; convert_to_float8 again without it)."""
     if float8_config.recipe_name not in ("tensorwise", "rowwise"):
         raise ConfigError(f'float8.recipe_name = "{float8_config.recipe_name}" is not one of "tensorwise", "rowwise".')
-    if float8_config.enable_fsdp_float8_all_gather and float8_config.recipe_name != "tensorwise":
+    all_gather = float8_config.enable_fsdp_float8_all_gather
+    if all_gather and float8_config.recipe_name != "tensorwise":
         raise ConfigError("float8.enable_fsdp_float8_all_gather = true works only with recipe_name = \"tensorwise\".")
-    if float8_config.enable_fsdp_float8_all_gather or float8_config.precompute_float8_dynamic_scale_for_fsdp:
-        logger.warning("float8: fp8 FSDP all-gather / precomputed scales are not implemented; weights are "
-                       "all-gathered in their parameter dtype and cast to fp8 after the gather")
+    if float8_config.precompute_float8_dynamic_scale_for_fsdp and not all_gather:
+        raise ConfigError("float8.precompute_float8_dynamic_scale_for_fsdp = true needs "
+                          "float8.enable_fsdp_float8_all_gather = true (the scales are those of the fp8 all-gather).")
+    if all_gather and parallelism is not None and parallelism.tensor_parallel_degree > 1:
+        raise ConfigError(f"float8.enable_fsdp_float8_all_gather = true is not supported with "
+                          f"parallelism.tensor_parallel_degree = {parallelism.tensor_parallel_degree}; set "
+                          f"float8.enable_fsdp_float8_all_gather = false (FSDP then gathers weights in their "
+                          f"param dtype) or tensor_parallel_degree = 1.")
 
 
 def convert_to_float8(model: nn.Module, float8_config) -> int:
@@ -67,7 +84,7 @@ def convert_to_float8(model: nn.Module, float8_config) -> int:
     """
     if not float8_config.enable:
         return 0
-    _validate(float8_config)
+    validate_float8_config(float8_config)
     filters = list(float8_config.filter_fqns or [])
     targets, skipped = [], []
     for fqn, module in model.named_modules():
@@ -82,11 +99,25 @@ def convert_to_float8(model: nn.Module, float8_config) -> int:
     for fqn in targets:
         parent_name, _, child_name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, Float8Linear.from_linear(
-            getattr(parent, child_name), recipe=float8_config.recipe_name, backend=float8_config.backend,
-            emulate=float8_config.emulate))
+        layer = Float8Linear.from_linear(getattr(parent, child_name), recipe=float8_config.recipe_name,
+                                         backend=float8_config.backend, emulate=float8_config.emulate)
+        if float8_config.enable_fsdp_float8_all_gather:
+            enable_float8_all_gather(layer)
+        setattr(parent, child_name, layer)
     if skipped:
         logger.info(f"float8: kept {len(skipped)} linear layer(s) in high precision: {', '.join(skipped)}")
     logger.info(f"float8: swapped {len(targets)} nn.Linear -> Float8Linear "
-                f"(recipe={float8_config.recipe_name}, backend={float8_config.backend}, emulate={float8_config.emulate})")
+                f"(recipe={float8_config.recipe_name}, backend={float8_config.backend}, emulate={float8_config.emulate}, "
+                f"fsdp_float8_all_gather={float8_config.enable_fsdp_float8_all_gather})")
     return len(targets)
+
+
+def enable_float8_all_gather(layer: Float8Linear) -> None:
+    """Wrap the layer's weight so that FSDP2 all-gathers it in fp8 (fsdp.py); a new Parameter object,
+    so call it before the optimizer is built (the trainer converts on the meta device)."""
+    if layer.recipe != "tensorwise":
+        raise ConfigError("float8.enable_fsdp_float8_all_gather = true works only with recipe_name = \"tensorwise\".")
+    weight = layer.weight
+    if not isinstance(weight, Float8AllGatherWeight):
+        layer.weight = nn.Parameter(Float8AllGatherWeight(weight.detach()), requires_grad=weight.requires_grad)
+        layer.register_state_dict_post_hook(unwrap_weight_in_state_dict)

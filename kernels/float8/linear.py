@@ -39,9 +39,9 @@ taken, so each element is cast with exactly the scale the unsharded layer would 
              Spanning shards: x and W along K (tensor scales, or rowwise the forward row scales).
 
 Casts whose amax needs the reduction run as torch ops (amax, all-reduce, multiply, cast; bit-equal to
-the kernels), the rest in the Triton kernels. FSDP2 composes (the weight stays an ordinary
-Parameter); the fp8 all-gather of weights is not implemented (weights are gathered in their param
-dtype).
+the kernels), the rest in the Triton kernels. FSDP2 composes: by default weights are gathered in
+their param dtype and cast here; with float8.enable_fsdp_float8_all_gather (tensorwise, fsdp.py)
+FSDP2 gathers them already in fp8 and the forward GEMM and dgrad use that data and its scale as is.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torchtitan_like.kernels.float8 import quantize as q
+from torchtitan_like.kernels.float8.fsdp import Float8GatheredWeight
 from torchtitan_like.kernels.float8.gemm import resolve_backend, scaled_mm
 
 RECIPES = ("tensorwise", "rowwise")
@@ -130,7 +131,11 @@ class _Float8MatmulFn(torch.autograd.Function):
         ctx.recipe, ctx.backend, ctx.reduction = recipe, backend, reduction
         if recipe == "tensorwise":
             x_fp8, x_fp8_t, x_scale = cast.tensorwise(x, q.E4M3, "also", group=group["x"])
-            w_fp8, _, w_scale = cast.tensorwise(weight, q.E4M3, "no", group=group["weight"])
+            if isinstance(weight, Float8GatheredWeight):  # FSDP2 gathered it in fp8 (fsdp.py)
+                # a copy: FSDP2 refreshes the gathered scale in place before backward
+                w_fp8, w_scale = weight._data, weight._scale.clone()
+            else:
+                w_fp8, _, w_scale = cast.tensorwise(weight, q.E4M3, "no", group=group["weight"])
             ctx.save_for_backward(x_fp8_t, x_scale, weight, w_scale)
             return scaled_mm(x_fp8, w_fp8.t(), x_scale.reciprocal(), w_scale.reciprocal(), x.dtype, backend,
                              use_fast_accum=True)
@@ -152,7 +157,10 @@ class _Float8MatmulFn(torch.autograd.Function):
             x_fp8_t, x_scale, weight, w_scale = ctx.saved_tensors
             go_fp8, go_fp8_t, go_scale = cast.tensorwise(go, q.E5M2, "also", group=group["grad_output"])
             if need_dx:
-                _, w_fp8_t, _ = cast.tensorwise(weight, q.E4M3, "only", scale=w_scale)  # (K, N)
+                if isinstance(weight, Float8GatheredWeight):  # same bits as re-casting with w_scale
+                    w_fp8_t = weight._data.t().contiguous()  # (K, N)
+                else:
+                    _, w_fp8_t, _ = cast.tensorwise(weight, q.E4M3, "only", scale=w_scale)  # (K, N)
                 dx = scaled_mm(go_fp8, w_fp8_t.t(), go_scale.reciprocal(), w_scale.reciprocal(), go.dtype, backend)
             if need_dw:
                 dw = scaled_mm(go_fp8_t, x_fp8_t.t(), go_scale.reciprocal(), x_scale.reciprocal(), weight.dtype,

@@ -48,6 +48,8 @@ PLANS: dict[str, Plan] = {
     "reference_batch16": Plan(1, 16, local_batch_size=16),
     "reference_batch4_float8": Plan(1, 4, FLOAT8),
     "reference_batch8_float8_rowwise": Plan(1, 8, (*FLOAT8, "--float8.recipe_name", "rowwise"), local_batch_size=8),
+    # fp8 scales are per GEMM call, so pipelined fp8 (4 microbatches of 1) matches accumulation of 4 x 1
+    "reference_microbatch1_float8": Plan(1, 4, (*FLOAT8, "--training.global_batch_size", "4"), local_batch_size=1),
     "grad_accumulation_2": Plan(1, 8, ("--training.global_batch_size", "8")),
     "ac_full": Plan(1, 4, ("--activation_checkpoint.mode", "full")),
     "ac_selective_every_2nd_layer": Plan(1, 4, ("--activation_checkpoint.mode", "selective",
@@ -56,6 +58,12 @@ PLANS: dict[str, Plan] = {
                                        "--activation_checkpoint.selective_ac_option", "op")),
     # 2 processes
     "fsdp2": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2")),
+    "fsdp2_float8": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2", *FLOAT8)),
+    # weights all-gathered already in fp8, with precomputed scales: the same fp8 bits as fsdp2_float8
+    "fsdp2_float8_all_gather": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2", *FLOAT8,
+                                           "--float8.enable_fsdp_float8_all_gather", "true",
+                                           "--float8.precompute_float8_dynamic_scale_for_fsdp", "true"),
+                                    reference="fsdp2_float8"),
     "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),
     "tp2_float8": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *FLOAT8),
                        reference="reference_batch4_float8"),
@@ -69,6 +77,7 @@ PLANS: dict[str, Plan] = {
                                                      "2", "--training.global_batch_size", "8")),
     # V-shaped zero-bubble schedule: stages (0, 3) on rank 0, (1, 2) on rank 1
     "pp2_zbv_zero_bubble": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble")),
+    "pp2_float8": Plan(2, 4, (*PP2, *FLOAT8), reference="reference_microbatch1_float8"),
     # looped schedules with 2 virtual stages per rank: breadth-first, and zero-bubble (split backward)
     "pp2_looped_bfs": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "LoopedBFS")),
     "pp2_interleaved_zero_bubble": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule",

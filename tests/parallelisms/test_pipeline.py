@@ -21,3 +21,7 @@ def test_pp2_with_split_point_and_gradient_accumulation_matches_single_process(a
 @pytest.mark.parametrize("plan", ["pp2_x_fsdp2", "pp2_x_tp2", "pp2_x_fsdp2_x_tp2"])
 def test_pp2_composed_with_fsdp_and_tp_matches_single_process(assert_plan_matches_reference, plan):
     assert_plan_matches_reference(plan)
+
+
+def test_pp2_float8_matches_single_process_accumulating_the_same_microbatches(assert_plan_matches_reference):
+    assert_plan_matches_reference("pp2_float8")

@@ -53,3 +53,16 @@ def validate_config(config, model_args) -> None:
     for converter in config.model.converters:
         if converter not in ("float8", "quantize.linear.float8"):
             raise ConfigError(f"model.converters contains {converter!r}; allowed: float8")
+    if config.float8.enable or config.model.converters:
+        _validate_float8(config.float8, config.parallelism)
+
+
+def _validate_float8(float8, parallelism) -> None:
+    from torchtitan_like.kernels.float8.convert import validate_float8_config
+
+    validate_float8_config(float8, parallelism)
+    if (float8.enable_fsdp_float8_all_gather and parallelism.data_parallel_shard_degree == 1
+            and parallelism.data_parallel_replicate_degree == 1):
+        from torchtitan_like.logging import logger
+
+        logger.info("float8.enable_fsdp_float8_all_gather has no effect without FSDP (data-parallel degree 1)")
