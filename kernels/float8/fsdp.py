@@ -130,7 +130,10 @@ class Float8AllGatherWeight(torch.Tensor):
         if out is not None:
             if not isinstance(out, Float8GatheredWeight) or out._data.data_ptr() != data.data_ptr():
                 raise AssertionError("FSDP2 passed an unsharded weight that does not hold the all-gather output")
-            out._scale.copy_(scale)
+            # The backward re-gather recomputes the forward's scale from unchanged weights, so the value
+            # is the same; keeping the version lets a compiled backward use the scale it saved.
+            with torch.autograd._unsafe_preserve_version_counter(out._scale):
+                out._scale.copy_(scale)
             return None
         return Float8GatheredWeight(data, scale.clone(), param_dtype), (data,)
 

@@ -41,6 +41,8 @@ PP2 = ("--parallelism.pipeline_parallel_degree", "2")
 # emulated fp8 (fp32 matmuls of fp8-rounded operands): under TP the layers run on local shards with
 # amaxes reduced over the TP group, so every operand is cast with the single process's scale
 FLOAT8 = ("--float8.enable", "true", "--float8.emulate", "true")
+# graph capture and AOT autograd without the slow C++ code generation of Inductor on CPU
+COMPILE_AOT_EAGER = ("--compile.enable", "true", "--compile.backend", "aot_eager")
 PLANS: dict[str, Plan] = {
     # single-process references, then one-process plans compared against them
     "reference_batch4": Plan(1, 4),
@@ -58,10 +60,12 @@ PLANS: dict[str, Plan] = {
                                        "--activation_checkpoint.selective_ac_option", "op")),
     # 2 processes
     "fsdp2": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2")),
-    "fsdp2_float8": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2", *FLOAT8)),
+    # per-block compile (aot_eager) over fp8 layers: FSDP2 hands the compiled blocks the gathered
+    # fp8 weight subclass; the eager path is tested layer by layer in tests/kernels/test_float8_fsdp.py
+    "fsdp2_float8": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2", *FLOAT8, *COMPILE_AOT_EAGER)),
     # weights all-gathered already in fp8, with precomputed scales: the same fp8 bits as fsdp2_float8
     "fsdp2_float8_all_gather": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2", *FLOAT8,
-                                           "--float8.enable_fsdp_float8_all_gather", "true",
+                                           *COMPILE_AOT_EAGER, "--float8.enable_fsdp_float8_all_gather", "true",
                                            "--float8.precompute_float8_dynamic_scale_for_fsdp", "true"),
                                     reference="fsdp2_float8"),
     "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),

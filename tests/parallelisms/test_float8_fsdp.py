@@ -1,5 +1,7 @@
 """Float8 training under FSDP2 with the weights all-gathered in fp8 and precomputed scales trains
-exactly like FSDP2 gathering them in fp32 and casting after the gather (kernels/float8/fsdp.py)."""
+exactly like FSDP2 gathering them in fp32 and casting after the gather (kernels/float8/fsdp.py),
+with the transformer blocks compiled (the gathered fp8 weight is a tensor subclass input of the
+compiled graphs, and backward re-gathers it in place)."""
 
 from __future__ import annotations
 
