@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, loss_parallel, parallelize_module)
@@ -40,6 +42,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, loss_parallel_enabled: bool
     # A pipeline stage sets the modules it does not own to None.
     outer_plan = {name: style for name, style in outer_plan.items() if getattr(model, name, None) is not None}
     parallelize_module(model, tp_mesh, outer_plan)
+    if getattr(model, "tok_embeddings", None) is not None:
+        model.tok_embeddings.register_forward_hook(_wait_async_output)
 
     for block in model.layers.values():
         block_plan = {
@@ -57,6 +61,29 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, loss_parallel_enabled: bool
             "feed_forward.w3": ColwiseParallel(),
         }
         parallelize_module(block, tp_mesh, block_plan)
+
+
+class _WaitAsyncCollective(torch.autograd.Function):
+    """Identity that completes a pending functional collective (AsyncCollectiveTensor -> Tensor)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.trigger_wait() if isinstance(x, AsyncCollectiveTensor) else x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _wait_async_output(module, inputs, output):
+    """The embedding's reduce-scatter result reaches the first (compiled) block as a plain tensor.
+
+    RowwiseParallel hands back the pending collective (an AsyncCollectiveTensor). Fed into a compiled
+    block, AOTAutograd traces it as a tensor subclass input, and the eager backward then gets a plain
+    gradient where it expects a DTensor (a crash in torch 2.13; pytorch#179506). Waiting here costs
+    nothing: the block's first op would wait anyway.
+    """
+    return _WaitAsyncCollective.apply(output) if isinstance(output, AsyncCollectiveTensor) else output
 
 
 def enable_async_tensor_parallel(tp_mesh) -> None:

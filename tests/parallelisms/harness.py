@@ -71,6 +71,8 @@ PLANS: dict[str, Plan] = {
     "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),
     "tp2_float8": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *FLOAT8),
                        reference="reference_batch4_float8"),
+    # per-block compile over TP: the blocks' inputs and outputs are local shards of DTensors
+    "tp2_compile": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *COMPILE_AOT_EAGER)),
     "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),
     "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B")),
     # 2 virtual stages per rank: 4 stages of 1 layer
@@ -99,7 +101,7 @@ PLANS: dict[str, Plan] = {
                                "--parallelism.tensor_parallel_degree", "2")),
     "fsdp2_x_tp2_float8_rowwise": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
                                               "--parallelism.tensor_parallel_degree", "2", *FLOAT8,
-                                              "--float8.recipe_name", "rowwise"),
+                                              "--float8.recipe_name", "rowwise", *COMPILE_AOT_EAGER),
                                        reference="reference_batch8_float8_rowwise"),
     "fsdp2_x_tp2_no_loss_parallel": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
                                                 "--parallelism.tensor_parallel_degree", "2",

@@ -23,6 +23,10 @@ def test_tp2_with_sequence_and_loss_parallel_matches_single_process(assert_plan_
     assert_plan_matches_reference("tp2")
 
 
+def test_tp2_with_per_block_compile_matches_single_process(assert_plan_matches_reference):
+    assert_plan_matches_reference("tp2_compile")
+
+
 @pytest.mark.parametrize("plan", ["fsdp2_x_tp2", "fsdp2_x_tp2_no_loss_parallel"])
 def test_fsdp2_x_tp2_matches_single_process(assert_plan_matches_reference, plan):
     assert_plan_matches_reference(plan)
