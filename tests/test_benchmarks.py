@@ -1,5 +1,5 @@
-"""The benchmark scripts run where CI runs: throughput on the debug model prints its table and
-JSON; the GPU-only kernel benchmarks exit cleanly without CUDA."""
+"""The benchmark scripts run where CI runs: throughput and the step profile on the debug model print
+their tables and JSON; the GPU-only kernel benchmarks exit cleanly without CUDA."""
 
 import json
 import subprocess
@@ -14,12 +14,16 @@ def run_script(*args, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def run_on_debug_model(script, tmp_path, json_path, *args):
+    """`script` on the debug model: tiny sequences, no validation or TensorBoard, output under tmp_path."""
+    return run_script(script, "--config", "train_configs/debug_model.toml", *args, "--json", str(json_path),
+                      "--training.seq_len", "32", "--lr_scheduler.warmup_steps", "1", "--validation.enable", "false",
+                      "--job.dump_folder", str(tmp_path / "run"), "--metrics.enable_tensorboard", "false")
+
+
 def test_throughput_benchmark_trains_the_debug_model_and_reports(tmp_path):
     out = tmp_path / "throughput.json"
-    result = run_script("benchmarks/throughput.py", "--config", "train_configs/debug_model.toml", "--steps", "4",
-                        "--warmup", "2", "--json", str(out), "--training.seq_len", "32",
-                        "--lr_scheduler.warmup_steps", "1", "--validation.enable", "false",
-                        "--job.dump_folder", str(tmp_path / "run"), "--metrics.enable_tensorboard", "false")
+    result = run_on_debug_model("benchmarks/throughput.py", tmp_path, out, "--steps", "4", "--warmup", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| torchtitan_like | cpu |" in result.stdout
     record = json.loads(out.read_text())
@@ -36,10 +40,7 @@ def test_gpu_benchmarks_exit_cleanly_without_cuda(script):
 
 def test_profile_step_groups_the_debug_model_step_by_kind(tmp_path):
     out = tmp_path / "profile.json"
-    result = run_script("benchmarks/profile_step.py", "--config", "train_configs/debug_model.toml", "--warmup", "1",
-                        "--steps", "1", "--json", str(out), "--training.seq_len", "32",
-                        "--lr_scheduler.warmup_steps", "1", "--validation.enable", "false",
-                        "--job.dump_folder", str(tmp_path / "run"), "--metrics.enable_tensorboard", "false")
+    result = run_on_debug_model("benchmarks/profile_step.py", tmp_path, out, "--warmup", "1", "--steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| kind | ms/step | % of kernel time |" in result.stdout
     summary = json.loads(out.read_text())
