@@ -264,7 +264,10 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: t
 def emulated_scaled_mm(a, b, scale_a, scale_b, out_dtype=torch.bfloat16) -> torch.Tensor:
     """Dequantize to fp32 and matmul: the numerics of fp8 storage without fp8 tensor cores."""
     _check_operands(a, b, scale_a, scale_b)
-    return ((a.float() * scale_a.float()) @ (b.float() * scale_b.float())).to(out_dtype)
+    product = (a.float() * scale_a.float()) @ (b.float() * scale_b.float())
+    # Not a no-op .to(): its alias, returned from Float8Linear's autograd.Function, makes torch
+    # 2.11's Dynamo drop the backward (every gradient zero under torch.compile).
+    return product if product.dtype == out_dtype else product.to(out_dtype)
 
 
 def scaled_mm_reference(a, b, scale_a, scale_b) -> torch.Tensor:

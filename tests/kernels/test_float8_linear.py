@@ -155,3 +155,18 @@ def test_llama_training_with_emulated_float8_tracks_high_precision(recipe):
     # Every step's loss within 5% relative of the high-precision run from the same init.
     for step, (ours, reference) in enumerate(zip(float8, baseline)):
         assert abs(ours - reference) <= 0.05 * reference, (step, float8, baseline)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_compiled_float8_linear_has_the_eager_gradients(recipe):
+    # torch 2.11's Dynamo zeroed every gradient when the autograd.Function returned an alias made
+    # by a no-op .to() (emulated GEMM in fp32): the loss then barely moved under torch.compile.
+    torch.manual_seed(0)
+    layer = Float8Linear(64, 32, bias=False, recipe=recipe, emulate=True)
+    x, grad_output = torch.randn(4, 64), torch.randn(4, 32)
+    eager = _run(layer, x, grad_output)
+    layer.weight.grad = None
+    compiled = _run(torch.compile(layer, backend="aot_eager", fullgraph=True), x, grad_output)
+    for name, actual, expected in zip(("y", "dx", "dW"), compiled, eager):
+        assert expected.norm() > 0
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6, msg=name)
