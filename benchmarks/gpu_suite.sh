@@ -4,8 +4,8 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 profile_bf16 profile_fp8 float8 rmsnorm
-# train_bf16_triton_norm),
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 profile_bf16 profile_fp8 check_fp8_fsdp float8
+# rmsnorm train_bf16_triton_norm),
 # SUITE_STEPS (18),
 # SUITE_BUDGET_S (seconds for the whole suite; sections shrink to fit).
 set -u
@@ -57,6 +57,7 @@ section profile_bf16 120 "${PROFILE[@]}" --label "bf16 torch-rmsnorm, kernel tim
   --json "$LOGS/profile_bf16.json"
 section profile_fp8 120 "${PROFILE[@]}" --label "float8 tensorwise, kernel time by kind" \
   --json "$LOGS/profile_fp8.json" --model.norm_type triton_rmsnorm --float8.enable --float8.recipe_name tensorwise
+section check_fp8_fsdp 90 python3 benchmarks/check_float8_fsdp.py
 section float8 110 python3 benchmarks/bench_float8.py --quick --sections gemm,sweep --json "$LOGS/float8.json"
 section rmsnorm 110 python3 benchmarks/bench_rmsnorm.py --sweep --json "$LOGS/rmsnorm.json"
 section train_bf16_triton_norm 130 "${BENCH[@]}" --label "bf16 triton-rmsnorm (fused residual add)" \

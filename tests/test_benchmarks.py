@@ -70,3 +70,10 @@ def test_profile_step_kinds_of_gpu_kernel_names(name, kind):
     finally:
         sys.path.remove(f"{REPO_ROOT}/benchmarks")
     assert profile_step.kind_of(name) == kind
+
+
+def test_float8_fsdp_device_check_passes_on_one_cpu_process():
+    result = run_script("benchmarks/check_float8_fsdp.py", "--dim", "64", "--hidden", "128", "--tokens", "32",
+                        "--compile", timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "y=True, dx=True, dW1=True, dW2=True | True |" in result.stdout
