@@ -59,7 +59,7 @@ def reference_float64(x, weight, dy):
     return y64.detach(), x64.grad, w64.grad, dx_scale, dw_scale
 
 
-def check_forward_backward(x, weight, leaf=None):
+def assert_forward_backward_match_reference(x, weight, leaf=None):
     """Run the kernel path on x (a leaf or a view of `leaf`) and compare y, dx, dw in x's dtype."""
     dtype = x.dtype
     y = rms_norm(x, weight, EPS)
@@ -82,7 +82,7 @@ def test_kernels_run_under_the_triton_interpreter():
 @pytest.mark.parametrize("hidden", [1, 7, 33, 100, 257, 1000])
 def test_forward_and_gradients_match_float64_reference(dtype, hidden):
     x = torch.randn(2, 3, hidden, dtype=dtype, requires_grad=True)
-    check_forward_backward(x, random_weight(hidden, dtype))
+    assert_forward_backward_match_reference(x, random_weight(hidden, dtype))
 
 
 @pytest.mark.parametrize("rows, hidden", [(52, 33), (16, 1000), (2, 4000)])
@@ -91,7 +91,7 @@ def test_many_row_blocks_per_program_and_wide_rows_match_reference(rows, hidden)
     # program with a ragged last program, so a program loops and sums dweight over tiles; 4000 is near 4096.
     x = torch.randn(rows, hidden, dtype=torch.bfloat16, requires_grad=True)
     with launch_overrides(fwd_block_m=4, bwd_block_m=4, bwd_programs_per_sm=1):
-        check_forward_backward(x, random_weight(hidden, torch.bfloat16))
+        assert_forward_backward_match_reference(x, random_weight(hidden, torch.bfloat16))
 
 
 def test_backward_grid_is_one_wave_of_whole_tiles_covering_every_row():
@@ -120,16 +120,16 @@ def test_row_strided_slice_is_read_in_place_forward_and_backward():
     x = wide[..., :100]
     rows = rmsnorm._as_rows(x, 100)
     assert rows.data_ptr() == x.data_ptr() and rows.stride() == (160, 1), "the slice was copied"
-    check_forward_backward(x, random_weight(100, torch.float32), leaf=wide)
+    assert_forward_backward_match_reference(x, random_weight(100, torch.float32), leaf=wide)
     assert (wide.grad[..., 100:] == 0).all()
 
 
 def test_non_contiguous_layouts_fall_back_to_a_copy_and_match():
     base = torch.randn(5, 2, 40, dtype=torch.bfloat16)
     x = base.transpose(0, 1).detach().requires_grad_()  # leading dims not mergeable into one stride
-    check_forward_backward(x, random_weight(40, torch.bfloat16))
+    assert_forward_backward_match_reference(x, random_weight(40, torch.bfloat16))
     column_major = torch.randn(24, 12).t().detach().requires_grad_()  # last dim not contiguous
-    check_forward_backward(column_major, random_weight(24, torch.float32))
+    assert_forward_backward_match_reference(column_major, random_weight(24, torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
