@@ -4,7 +4,7 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 profile_bf16 profile_fp8 check_fp8_fsdp float8
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_flash profile_bf16 profile_fp8 check_fp8_fsdp float8
 # rmsnorm train_bf16_triton_norm),
 # SUITE_STEPS (18),
 # SUITE_BUDGET_S (seconds for the whole suite; sections shrink to fit).
@@ -53,6 +53,9 @@ PROFILE=(python3 benchmarks/profile_step.py --config train_configs/llama3_8b_8la
 section train_bf16 130 "${BENCH[@]}" --label "bf16 torch-rmsnorm" --json "$LOGS/train_bf16.json"
 section train_fp8 130 "${BENCH[@]}" --label "float8 tensorwise triton-rmsnorm" --json "$LOGS/train_fp8.json" \
   --model.norm_type triton_rmsnorm --float8.enable --float8.recipe_name tensorwise
+# model.sdpa_backend = auto prefers cuDNN attention on sm90: the same run with the flash kernel.
+section train_bf16_flash 130 "${BENCH[@]}" --label "bf16 torch-rmsnorm flash-attention" \
+  --json "$LOGS/train_bf16_flash.json" --model.sdpa_backend flash
 section profile_bf16 120 "${PROFILE[@]}" --label "bf16 torch-rmsnorm, kernel time by kind" \
   --json "$LOGS/profile_bf16.json"
 section profile_fp8 120 "${PROFILE[@]}" --label "float8 tensorwise, kernel time by kind" \

@@ -36,6 +36,9 @@ class Llama3Args:
     tie_word_embeddings: bool = False
     depth_init: bool = True  # scale output-projection init by layer depth (TorchTitan's default)
     norm_type: str = "rmsnorm"  # rmsnorm/torch_rmsnorm (PyTorch) or triton_rmsnorm (kernels/)
+    # Attention kernels scaled_dot_product_attention may use, in priority order ("cudnn", "flash",
+    # "efficient", "math"); empty lets PyTorch choose. Applied inside the forward, so compile sees it.
+    sdpa_backends: tuple[str, ...] = ()
 
     @property
     def head_dim(self) -> int:

@@ -9,12 +9,14 @@ checkpointing and compilation are applied from outside (`parallelisms/`). Blocks
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torchtitan_like.models.llama3.args import Llama3Args
 
@@ -85,10 +87,24 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, update: torch.Tensor) -> tupl
     return h, norm(h)
 
 
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def sdpa_backend_context(backends: list[SDPBackend]):
+    """Only these SDPA kernels, tried in this order; none given: PyTorch's own choice. Entered inside
+    the forward, so the choice is part of the compiled graph and of the compile cache's key (around
+    a compiled call it is neither, and a graph cached under another choice would be reused)."""
+    if not backends:
+        return contextlib.nullcontext()
+    return sdpa_kernel(backends, set_priority=True)
+
+
 class Attention(nn.Module):
     def __init__(self, args: Llama3Args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.sdpa_backends = [SDPA_BACKENDS[name] for name in args.sdpa_backends]
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -103,7 +119,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        with sdpa_backend_context(self.sdpa_backends):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

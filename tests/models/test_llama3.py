@@ -139,3 +139,55 @@ def test_all_flavors_build_on_meta():
         with torch.device("meta"):
             model = Transformer(args)
         assert sum(p.numel() for p in model.parameters()) == args.num_params()
+
+
+def attention_kernels_in_compiled_code(args) -> str:
+    """Inductor's generated forward and backward code of one compiled attention layer (CPU)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from torchtitan_like.models.llama3.model import Attention
+
+    torch._dynamo.reset()
+    attention = Attention(args)
+    compiled = torch.compile(attention, fullgraph=True)
+    x = torch.randn(1, 16, args.dim, requires_grad=True)
+    # Without the pattern matcher: it would fuse the math backend's softmax(QK^T)V back into one
+    # attention op, which then runs the CPU flash kernel whatever was chosen.
+    with torch._inductor.config.patch(pattern_matcher=False):
+        _, codes = run_and_get_code(lambda: compiled(x, rope_cos_sin(args, 16)).sum().backward())
+    return "\n".join(codes)
+
+
+def test_the_configured_attention_kernel_is_the_one_torch_compile_runs():
+    """The choice is made inside the forward, so it is part of the compiled graph and of the compile
+    cache's key. (An `sdpa_kernel` entered around the compiled call is not: a graph cached under
+    another choice, here the default one compiled first, would be reused.)"""
+    default = attention_kernels_in_compiled_code(tiny_args())
+    math_only = attention_kernels_in_compiled_code(tiny_args(sdpa_backends=("math",)))
+    assert "_scaled_dot_product_flash_attention_for_cpu" in default
+    assert "_scaled_dot_product_flash_attention_for_cpu" not in math_only
+    # The math backend's softmax(QK^T)V: batched matmuls in the generated code instead.
+    assert "bmm" in math_only
+
+
+def test_the_attention_kernel_choice_leaves_the_output_unchanged():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 16))
+    outputs = []
+    for backends in ((), ("math",), ("flash", "math")):
+        model = build(tiny_args(sdpa_backends=backends))
+        with torch.no_grad():
+            outputs.append(model(tokens))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_backend_resolution():
+    from torchtitan_like.errors import ConfigError
+    from torchtitan_like.trainer import resolve_sdpa_backends
+
+    cpu = torch.device("cpu")
+    assert resolve_sdpa_backends("auto", cpu) == ()
+    assert resolve_sdpa_backends("math", cpu) == ("math",)
+    with pytest.raises(ConfigError, match="model.sdpa_backend = 'cudnn' has no CPU kernel"):
+        resolve_sdpa_backends("cudnn", cpu)

@@ -42,8 +42,8 @@ class Model:
                                  "(e.g. 128256), a smaller one is an error.", ge=-1)
     norm_type: str = option("rmsnorm", "Normalization layer implementation.",
                             choices=("rmsnorm", "triton_rmsnorm", "torch_rmsnorm"))
-    sdpa_backend: str = option("auto", "Attention kernel for scaled_dot_product_attention; auto lets PyTorch choose "
-                                       "(cudnn is often fastest on H100/H200).",
+    sdpa_backend: str = option("auto", "Attention kernel for scaled_dot_product_attention, the only one allowed; "
+                                       "auto: cudnn first on H100/H200 (sm90), else PyTorch's choice.",
                                choices=("auto", "flash", "cudnn", "efficient", "math"))
     converters: list = option([], "Model converters applied after construction, e.g. [\"float8\"].")
     print_after_conversion: bool = option(False, "Print the model after converters are applied.")
