@@ -4,7 +4,7 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_flash profile_bf16 profile_fp8 check_fp8_fsdp float8
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_flash attention profile_bf16 profile_fp8 check_fp8_fsdp float8
 # rmsnorm train_bf16_triton_norm),
 # SUITE_STEPS (18),
 # SUITE_BUDGET_S (seconds for the whole suite; sections shrink to fit).
@@ -56,6 +56,7 @@ section train_fp8 130 "${BENCH[@]}" --label "float8 tensorwise triton-rmsnorm" -
 # model.sdpa_backend = auto prefers cuDNN attention on sm90: the same run with the flash kernel.
 section train_bf16_flash 130 "${BENCH[@]}" --label "bf16 torch-rmsnorm flash-attention" \
   --json "$LOGS/train_bf16_flash.json" --model.sdpa_backend flash
+section attention 60 python3 benchmarks/bench_attention.py --json "$LOGS/attention.json"
 section profile_bf16 120 "${PROFILE[@]}" --label "bf16 torch-rmsnorm, kernel time by kind" \
   --json "$LOGS/profile_bf16.json"
 section profile_fp8 120 "${PROFILE[@]}" --label "float8 tensorwise, kernel time by kind" \

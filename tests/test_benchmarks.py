@@ -72,6 +72,19 @@ def test_profile_step_kinds_of_gpu_kernel_names(name, kind):
     assert profile_step.kind_of(name) == kind
 
 
+def test_attention_benchmark_checks_each_cpu_kernel_against_the_fp32_reference(tmp_path):
+    out = tmp_path / "attention.json"
+    result = run_script("benchmarks/bench_attention.py", "--reps", "2", "--json", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| kernel | fwd ms | fwd+bwd ms |" in result.stdout
+    rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"flash", "flash gqa", "math", "math gqa"}
+    # fp32 on CPU: the flash kernel agrees with the reference to rounding; the math kernel is it.
+    assert all(row["ok"] and max(row["errors"].values()) < 1e-5 for row in rows.values())
+    assert max(rows["flash"]["errors"].values()) > 0  # another kernel: the comparison sees its rounding
+    assert rows["flash"]["total_ms"] > 0
+
+
 def test_float8_fsdp_device_check_passes_on_one_cpu_process():
     result = run_script("benchmarks/check_float8_fsdp.py", "--dim", "64", "--hidden", "128", "--tokens", "32",
                         "--compile", timeout=300)
