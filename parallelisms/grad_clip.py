@@ -3,6 +3,13 @@
 With FSDP/TP the gradients are DTensors: torch's norm reduces over their meshes. With pipeline
 parallel each rank holds only its stages' parameters, so the squared norms are summed over the
 `pp` dim as well before the clip coefficient is computed (TorchTitan's approach).
+
+The clip multiplies every gradient by min(1, max_norm / (norm + 1e-6)), torch's coefficient. With a
+fused Adam/AdamW that multiplication moves into the optimizer's kernel: it divides each gradient by
+`optimizer.grad_scale` as it reads it (the hook AMP's GradScaler uses) and stores the divided gradient
+back. The gradients end the step clipped either way, and the separate pass over them (a read and a
+write of each) becomes one extra write inside the optimizer's kernel: 32 instead of 36 bytes of
+memory traffic per fp32 parameter and step.
 """
 
 from __future__ import annotations
@@ -15,10 +22,18 @@ import torch.distributed as dist
 from torchtitan_like.distributed.tensors import is_dtensor
 
 
+def fuses_gradient_clipping(optimizer) -> bool:
+    """Whether `optimizer.step()` can apply the clip itself: torch's fused Adam/AdamW kernels."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+
+
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip in place when max_norm > 0 and return the total gradient norm (a plain tensor)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: float = 2.0,
+                   optimizer=None) -> torch.Tensor:
+    """Clip when max_norm > 0 and return the total gradient norm before clipping (a plain tensor).
+    With a fused Adam/AdamW `optimizer`, its next step applies the clip; otherwise it happens here."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
     if not grads:
         return torch.zeros(())
     total_norm = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True)
@@ -31,6 +46,13 @@ def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: 
             total_norm = total_norm ** norm_type
             dist.all_reduce(total_norm, op=dist.ReduceOp.SUM, group=mesh["pp"].get_group())
             total_norm = total_norm ** (1.0 / norm_type)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total_norm, foreach=True)
+    if optimizer is not None and fuses_gradient_clipping(optimizer):
+        if max_norm > 0:
+            # 1 / torch's clip coefficient, as the fp32 tensor the kernel reads on the gradients' device
+            optimizer.grad_scale = torch.clamp((total_norm + 1e-6) / max_norm, min=1.0).float().to(grads[0].device)
+        elif hasattr(optimizer, "grad_scale"):
+            del optimizer.grad_scale
+    elif max_norm > 0:
+        # Takes the parameters, not their gradients: it scales each `p.grad`.
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
     return total_norm

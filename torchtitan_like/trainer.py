@@ -236,7 +236,7 @@ class Trainer:
 
     def clip_gradients(self) -> torch.Tensor:
         return clip_grad_norm([p for part in self.model_parts for p in part.parameters()],
-                              self.config.training.max_norm, self.parallel_dims, self.mesh)
+                              self.config.training.max_norm, self.parallel_dims, self.mesh, optimizer=self.optimizer)
 
     def train_step(self, data_iterator) -> tuple[torch.Tensor, torch.Tensor, float]:
         self.optimizer.zero_grad(set_to_none=True)

@@ -68,6 +68,10 @@ PLANS: dict[str, Plan] = {
                                            *COMPILE_AOT_EAGER, "--float8.enable_fsdp_float8_all_gather", "true",
                                            "--float8.precompute_float8_dynamic_scale_for_fsdp", "true"),
                                     reference="fsdp2_float8"),
+    # fused AdamW on the DTensor shards applies the gradient clip in its kernel (grad_clip.py); the
+    # reference clips in place and steps with foreach
+    "fsdp2_fused_adamw": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2",
+                                     "--optimizer.implementation", "fused")),
     "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),
     "tp2_float8": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *FLOAT8),
                        reference="reference_batch4_float8"),
