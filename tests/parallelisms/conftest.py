@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.parallelisms.harness import PLANS, assert_same_training, launch_world, load_results
+from tests.parallelisms.harness import PLANS, assert_same_training, launch_world, load_results, load_structure
 
 
 def pytest_configure(config):
@@ -26,7 +26,19 @@ def plan_results(tmp_path_factory):
             launch_world(out_dir, nproc, [plan for plan, spec in PLANS.items() if spec.nproc == nproc])
         return load_results(os.path.join(launched[nproc], name))
 
+    results.launched = launched
     return results
+
+
+@pytest.fixture(scope="session")
+def plan_structure(plan_results):
+    """plan_structure(name) -> every rank's description of its modules under that plan (run_plan.py)."""
+
+    def structure(name: str) -> list[dict]:
+        plan_results(name)  # launches the plan's world if no test has yet
+        return load_structure(os.path.join(plan_results.launched[PLANS[name].nproc], name))
+
+    return structure
 
 
 @pytest.fixture(scope="session")

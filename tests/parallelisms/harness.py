@@ -150,6 +150,17 @@ def load_results(plan_dir: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, params
 
 
+def load_structure(plan_dir: str) -> list[dict]:
+    """Every rank's description of what the plan did to its modules (run_plan.describe), by rank."""
+    paths = glob.glob(os.path.join(plan_dir, "structure_rank*.json"))
+    by_rank = {int(path.rsplit("structure_rank", 1)[1].split(".")[0]): path for path in paths}
+    structures = []
+    for rank in sorted(by_rank):
+        with open(by_rank[rank]) as handle:
+            structures.append(json.load(handle))
+    return structures
+
+
 def assert_same_training(actual: tuple, expected: tuple) -> None:
     """Losses of every step and every final parameter equal within RTOL (and ATOL for params)."""
     actual_losses, actual_params = actual
