@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     device = trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     iterator = iter(trainer.dataloader)
-    tokens_per_step = config.training.local_batch_size * config.training.seq_len * trainer.grad_accum_steps
+    tokens_per_step = trainer.tokens_per_device_step
     losses = []
     for step in range(1, args.warmup + 1):
         losses.append(trainer.train_step(iterator)[0])

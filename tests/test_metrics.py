@@ -32,3 +32,26 @@ def test_cpu_reports_mfu_as_not_available(tmp_path):
     assert metrics.log(1, 2.0, 1.0, 1e-3).mfu is None
     line = format_line(StepMetrics(3, 2.5, 0.7, 1e-4, 1234.0, None, None, None, 1.0, 65.0), 10)
     assert "mfu n/a" in line and "memory n/a" in line and "step     3/10" in line and "eta 1m05s" in line
+
+
+def test_eta_after_a_resume_counts_only_the_steps_this_process_ran(tmp_path):
+    metrics = MetricsLogger(Metrics(enable_tensorboard=False), str(tmp_path), torch.device("cpu"), 1000, 1000, 0)
+    metrics.start_time -= 2.0  # this process ran 10 steps in 2 s, after resuming at step 890
+    for _ in range(10):
+        metrics.record_step(tokens=10, data_seconds=0.0)
+    result = metrics.log(900, 2.0, 1.0, 1e-3)
+    assert result.eta_seconds == pytest.approx(100 * 0.2, rel=0.05)  # 100 steps left at 0.2 s
+
+
+@pytest.mark.parametrize("tp,pp,dp_shard,expected", [(1, 1, 2, 1024), (2, 1, 1, 512), (2, 2, 2, 256)])
+def test_tokens_per_device_split_a_batch_over_its_tensor_and_pipeline_ranks(tp, pp, dp_shard, expected):
+    from types import SimpleNamespace
+
+    from torchtitan_like.config.job_config import Training
+    from torchtitan_like.parallelisms.parallel_dims import ParallelDims
+    from torchtitan_like.trainer import Trainer
+
+    trainer = SimpleNamespace(config=SimpleNamespace(training=Training(local_batch_size=2, seq_len=256)),
+                              grad_accum_steps=2, parallel_dims=ParallelDims(dp_replicate=1, dp_shard=dp_shard,
+                                                                             tp=tp, pp=pp, world_size=tp * pp * dp_shard))
+    assert Trainer.tokens_per_device_step.fget(trainer) == expected

@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli, tiny_overrides
 
 STEPS = 60
 
@@ -61,6 +61,36 @@ def test_log_line_has_every_metric_and_the_resolved_config_is_saved(debug_run):
     with open(os.path.join(dump, "config.toml")) as handle:
         assert f"steps = {STEPS}" in handle.read()
     assert glob.glob(os.path.join(dump, "tb", "events.out.tfevents.*"))
+
+
+def test_logged_lr_is_the_lr_each_step_used(debug_run):
+    from torchtitan_like.config import load_config
+    from torchtitan_like.optim import lr_multiplier
+
+    dump, _ = debug_run
+    config, _ = load_config(["--config", os.path.join(dump, "config.toml")])
+    schedule = config.lr_scheduler
+    logged = scalar_series(os.path.join(dump, "tb"), "lr")
+    assert sorted(logged) == [1] + list(range(5, STEPS + 1, 5))
+    for step, lr in logged.items():
+        expected = config.optimizer.lr * lr_multiplier(
+            step, total_steps=STEPS, warmup_steps=schedule.warmup_steps, decay_type=schedule.decay_type,
+            decay_ratio=schedule.decay_ratio, min_lr_factor=schedule.min_lr_factor)
+        assert lr == pytest.approx(expected, rel=1e-6), step
+
+
+def test_converters_description_and_print_after_conversion_take_effect(tmp_path):
+    # TorchTitan 0.2 turns Float8 on through model.converters alone, with no float8.enable key.
+    result = run_cli(tiny_overrides(str(tmp_path), steps=1) + [
+        "--model.converters", "quantize.linear.float8", "--float8.emulate", "true",
+        "--job.description", "converter check 42", "--model.print_after_conversion"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "job: converter check 42" in output
+    assert re.search(r"float8: swapped [1-9]\d* nn.Linear", output), output[-3000:]
+    assert "(wq): Float8Linear(" in output  # the printed model, after the swap
+    with open(os.path.join(str(tmp_path), "config.toml")) as handle:
+        assert re.search(r"\[float8\][^[]*enable = true", handle.read())
 
 
 def readme_train_command() -> list[str]:

@@ -92,14 +92,17 @@ class MetricsLogger:
         self.rank = rank
         self._reset_window(time.perf_counter())
         self.start_time = time.perf_counter()
+        self.steps_run = 0  # by this process: a resumed run's restored steps took no time here
 
     def _reset_window(self, now: float) -> None:
         self.window_start, self.window_tokens, self.window_data_time = now, 0, 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def record_step(self, tokens: int, data_seconds: float) -> None:
-        """Count the tokens this rank processed in one optimizer step and the time spent waiting on data."""
+    def record_step(self, tokens: float, data_seconds: float) -> None:
+        """Count the tokens this device processed in one optimizer step (its share of its data-parallel
+        rank's batch) and the time spent waiting on data."""
+        self.steps_run += 1
         self.window_tokens += tokens
         self.window_data_time += data_seconds
 
@@ -118,7 +121,7 @@ class MetricsLogger:
             peak = torch.cuda.max_memory_reserved(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
             memory_gib, memory_pct = peak / 2**30, 100.0 * peak / total
-        seconds_per_step = (now - self.start_time) / max(step, 1)
+        seconds_per_step = (now - self.start_time) / max(self.steps_run, 1)
         metrics = StepMetrics(step=step, loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_second=tokens_per_second,
                               mfu=mfu, memory_gib=memory_gib, memory_pct=memory_pct,
                               data_time_share=100.0 * self.window_data_time / elapsed,

@@ -87,7 +87,7 @@ def build_rank(config, parallel_dims: ParallelDims, rank: int, spec, model_args)
     mesh = parallel_dims.build_mesh("cpu")
     with torch.device("meta"):
         model = spec.model_cls(model_args)
-    if config.float8.enable or "float8" in config.model.converters:
+    if config.float8.enable:
         from torchtitan_like.kernels.float8 import convert_to_float8
 
         convert_to_float8(model, config.float8)

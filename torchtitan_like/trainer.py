@@ -88,7 +88,7 @@ class Trainer:
         self.model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, self.device)
         self.parallel_dims.validate_features(config.parallelism, config.compile, self.device.type,
                                              cpu_offload=config.training.enable_cpu_offload)
-        if config.float8.enable or "float8" in config.model.converters:
+        if config.float8.enable:
             from torchtitan_like.kernels.float8 import check_float8_support
 
             check_float8_support(self.device, config.float8)
@@ -113,7 +113,7 @@ class Trainer:
         # --- model: meta -> convert -> parallelize -> materialize -> seeded init
         with torch.device("meta"):
             model = self.spec.model_cls(self.model_args)
-        if config.float8.enable or "float8" in config.model.converters:
+        if config.float8.enable:
             from torchtitan_like.kernels.float8 import convert_to_float8
 
             convert_to_float8(model, config.float8)
@@ -123,6 +123,8 @@ class Trainer:
             self.loss_fn = torch.compile(cross_entropy_loss, backend=config.compile.backend)
         # Vocab-sharded logits stay sharded through the loss (tensor_parallel.py).
         self.loss_parallel = self.parallel_dims.tp_enabled and not config.parallelism.disable_loss_parallel
+        if config.model.print_after_conversion and rank == 0:
+            logger.info(f"model after conversion:\n{model}")
         self.pipeline = None
         self.model_parts = self._parallelize(model)
         for part in self.model_parts:
@@ -141,6 +143,8 @@ class Trainer:
                                      self.model_args.flops_per_token(config.training.seq_len),
                                      config.training.steps, rank)
         set_train_timeout(config.comm)
+        if config.job.description:
+            logger.info(f"job: {config.job.description}")
         logger.info(f"model {config.model.name} {config.model.flavor}: {self.model_args.num_params():,} parameters, "
                     f"vocab {self.model_args.vocab_size}, device {self.device}, world {world_size}, "
                     f"mesh {self.parallel_dims.mesh_shape() or 'none'}, grad accumulation {self.grad_accum_steps}, "
@@ -238,7 +242,15 @@ class Trainer:
         return clip_grad_norm([p for part in self.model_parts for p in part.parameters()],
                               self.config.training.max_norm, self.parallel_dims, self.mesh, optimizer=self.optimizer)
 
-    def train_step(self, data_iterator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    @property
+    def tokens_per_device_step(self) -> float:
+        """Tokens one optimizer step processes per device: a data-parallel rank's batch is shared by
+        its tensor- and pipeline-parallel ranks, so they split it (as TorchTitan counts)."""
+        local_tokens = self.config.training.local_batch_size * self.config.training.seq_len * self.grad_accum_steps
+        return local_tokens / self.parallel_dims.non_data_parallel_size
+
+    def train_step(self, data_iterator) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """One optimizer step; returns (loss, grad norm, seconds waiting on data, the LR this step used)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         data_seconds = 0.0
@@ -249,11 +261,12 @@ class Trainer:
             self.tokens_seen += labels.numel() * self.dp_degree  # global count (equal batches per rank)
             loss += self.forward_backward(inputs, labels)
         grad_norm = self.clip_gradients()
+        lr = self.optimizer.param_groups[0]["lr"]  # read before the scheduler moves on to the next step's
         self.optimizer.step()
         if self.config.float8.precompute_float8_dynamic_scale_for_fsdp:
             precompute_float8_scales(self.model_parts)
         self.lr_scheduler.step()
-        return loss, grad_norm, data_seconds
+        return loss, grad_norm, data_seconds, lr
 
     def reduce_loss(self, loss: torch.Tensor) -> float:
         """Mean of the per-rank losses over data-parallel ranks (equal token counts per rank)."""
@@ -293,17 +306,15 @@ class Trainer:
                     self.step += 1
                     if self.step % config.training.gc_freq == 0:
                         gc.collect(1)
-                    loss, grad_norm, data_seconds = self.train_step(data_iterator)
+                    loss, grad_norm, data_seconds, lr = self.train_step(data_iterator)
                     maybe_inject_fault(self.rank, self.step, "train")
-                    local_tokens = config.training.local_batch_size * config.training.seq_len * self.grad_accum_steps
-                    self.metrics.record_step(local_tokens, data_seconds)
+                    self.metrics.record_step(self.tokens_per_device_step, data_seconds)
                     pending.append(loss)
                     last = self.step == config.training.steps
                     if self.metrics.should_log(self.step) or self.checkpointer.should_save(self.step, last):
                         self._record_losses(pending)
                         if self.metrics.should_log(self.step):
-                            self.metrics.log(self.step, self.train_state.losses[-1], float(grad_norm),
-                                             self.lr_scheduler.get_last_lr()[0])
+                            self.metrics.log(self.step, self.train_state.losses[-1], float(grad_norm), lr)
                     if self.val_dataloader is not None and (self.step % config.validation.freq == 0 or last):
                         self.metrics.log_validation(self.step, self.validate())
                     self.checkpointer.save(self.step, last=last)

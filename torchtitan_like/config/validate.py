@@ -17,8 +17,13 @@ def gradient_accumulation_steps(training, dp_degree: int) -> int:
     return training.global_batch_size // per_step
 
 
+FLOAT8_CONVERTERS = ("float8", "quantize.linear.float8")  # ours and TorchTitan 0.2's spelling
+
+
 def validate_config(config, model_args) -> None:
-    """Raise ConfigError for out-of-range or inconsistent values; `model_args` has its vocab set."""
+    """Raise ConfigError for out-of-range or inconsistent values; `model_args` has its vocab set.
+    Also resolves `model.converters`: a float8 converter sets `float8.enable = true`, so every later
+    step (device check, module swap, saved config.toml) sees one switch."""
     training, lr = config.training, config.lr_scheduler
     if lr.warmup_steps > training.steps:
         raise ConfigError(f"lr_scheduler.warmup_steps = {lr.warmup_steps} is larger than training.steps = "
@@ -51,9 +56,10 @@ def validate_config(config, model_args) -> None:
         if component not in ("model", "loss"):
             raise ConfigError(f"compile.components contains {component!r}; allowed: model, loss")
     for converter in config.model.converters:
-        if converter not in ("float8", "quantize.linear.float8"):
-            raise ConfigError(f"model.converters contains {converter!r}; allowed: float8")
-    if config.float8.enable or config.model.converters:
+        if converter not in FLOAT8_CONVERTERS:
+            raise ConfigError(f"model.converters contains {converter!r}; allowed: {', '.join(FLOAT8_CONVERTERS)}")
+        config.float8.enable = True
+    if config.float8.enable:
         _validate_float8(config.float8, config.parallelism)
 
 
