@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from torchtitan_like.distributed.tensors import full_tensor
@@ -11,15 +13,17 @@ from torchtitan_like.parallelisms.tensor_parallel import loss_parallel_context
 
 @torch.no_grad()
 def evaluate(trainer) -> float:
-    """Mean loss over `validation.steps` batches (-1: the whole split), averaged over DP ranks."""
+    """Mean loss over the first `validation.steps` batches of the split (-1: the whole split), averaged
+    over DP ranks. Every evaluation scores the same batches, so the curve shows the model's progress,
+    not a change of data."""
     steps = trainer.config.validation.steps
     for part in trainer.model_parts:
         part.eval()
     total, count = torch.zeros((), device=trainer.device), 0
+    trainer.val_dataloader.sampler.restart()
+    batches = iter(trainer.val_dataloader)
     try:
-        for index, (inputs, labels) in enumerate(trainer.val_dataloader):
-            if steps != -1 and index >= steps:
-                break
+        for inputs, labels in (batches if steps == -1 else itertools.islice(batches, steps)):
             inputs, labels = inputs.to(trainer.device), labels.to(trainer.device)
             with trainer._compute_context(), loss_parallel_context(trainer.loss_parallel):
                 if trainer.pipeline is not None:

@@ -81,6 +81,10 @@ class ShardedSampler(Sampler[int]):
             if not self.infinite or len(indices) == 0:
                 return
 
+    def restart(self) -> None:
+        """Back to the start of epoch 0 (validation scores the same batches at every evaluation)."""
+        self.epoch, self.yielded_in_epoch = 0, 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "yielded_in_epoch": self.yielded_in_epoch,
                 "consumed_in_epoch": self.yielded_in_epoch * self.dp_world_size, "seed": self.seed,

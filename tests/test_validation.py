@@ -1,0 +1,25 @@
+"""Validation: every evaluation scores the same first `validation.steps` batches of the split."""
+
+import pytest
+
+from tests.helpers import tiny_overrides
+from torchtitan_like.config import load_config
+from torchtitan_like.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    config, _ = load_config(tiny_overrides(str(tmp_path_factory.mktemp("validation")), steps=2) + [
+        "--validation.enable", "true", "--validation.steps", "3", "--validation.local_batch_size", "2",
+        "--metrics.enable_tensorboard", "false"])
+    trainer = Trainer(config)
+    yield trainer
+    trainer.close()
+
+
+def test_repeated_evaluations_of_the_same_weights_agree(trainer):
+    first = trainer.validate()
+    assert [trainer.validate(), trainer.validate()] == [first, first]
+    # Exactly validation.steps batches were read, none fetched and dropped.
+    assert trainer.val_dataloader.sampler.yielded_in_epoch == 3 * 2
+
