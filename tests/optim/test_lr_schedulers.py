@@ -18,9 +18,11 @@ def multiplier(step, decay_type, decay_ratio=-1.0):
 
 @pytest.mark.parametrize("decay_type", ["cosine", "linear", "sqrt", "constant"])
 def test_linear_warmup_reaches_peak_at_warmup_end(decay_type):
-    assert multiplier(1, decay_type) == pytest.approx(1 / 11)
-    assert multiplier(5, decay_type) == pytest.approx(5 / 11)
+    assert multiplier(1, decay_type) == pytest.approx(1 / WARMUP)
     assert multiplier(WARMUP, decay_type) == 1.0
+    # A straight line: the same increment at every warmup step, the last one included.
+    ramp = [multiplier(step, decay_type) for step in range(1, WARMUP + 1)]
+    assert [b - a for a, b in zip(ramp, ramp[1:])] == pytest.approx([1 / WARMUP] * (WARMUP - 1))
 
 
 @pytest.mark.parametrize("decay_type,mid,final", [
@@ -57,9 +59,24 @@ def test_scheduler_applies_multiplier_to_each_optimizer_step():
     assert seen[-1] == pytest.approx(MIN)
 
 
-def test_weight_decay_skips_one_dimensional_parameters():
+@pytest.mark.parametrize("name", ["AdamW", "Adam"])
+def test_weight_decay_skips_one_dimensional_parameters(name):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    optimizer = build_optimizer([model], Optimizer(weight_decay=0.1), "cpu")
+    optimizer = build_optimizer([model], Optimizer(name=name, weight_decay=0.1), "cpu")
+    assert type(optimizer).__name__ == name
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adam"])
+def test_weight_decay_moves_matrices_even_without_gradient(name):
+    # Zero gradients: only weight decay can move a parameter (decoupled in AdamW, L2 in Adam).
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.LayerNorm(4))
+    matrix, norm = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    optimizer = build_optimizer([model], Optimizer(name=name, lr=0.1, weight_decay=0.1), "cpu")
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    assert ((model[0].weight.detach() - matrix) * matrix.sign() < 0).all()  # every entry pulled towards 0
+    assert torch.equal(model[1].weight, norm)

@@ -56,7 +56,7 @@ class Optimizer:
     beta1: float = option(0.9, "Adam beta1.", ge=0.0, le=1.0)
     beta2: float = option(0.95, "Adam beta2.", ge=0.0, le=1.0)
     eps: float = option(1e-8, "Adam epsilon.", gt=0.0)
-    weight_decay: float = option(0.1, "Decoupled weight decay (not applied to norms and biases).", ge=0.0)
+    weight_decay: float = option(0.1, "Weight decay of matrices (not norms, biases): decoupled for AdamW, L2 for Adam.", ge=0.0)
     implementation: str = option("auto", "Kernel implementation; auto picks fused on CUDA, foreach elsewhere.",
                                  choices=("auto", "fused", "foreach", "for-loop"))
 

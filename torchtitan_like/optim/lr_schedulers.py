@@ -18,8 +18,9 @@ import torch
 def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, decay_type: str, decay_ratio: float,
                   min_lr_factor: float) -> float:
     if warmup_steps > 0 and step <= warmup_steps:
-        # Start at 1/(warmup+1) rather than 0 so the first update is not wasted.
-        return step / (warmup_steps + 1) if step < warmup_steps else 1.0
+        # A straight line through 1/warmup (not 0: the first update is not wasted) to the peak at
+        # step `warmup_steps`, with equal increments all the way.
+        return step / warmup_steps
     if decay_type == "constant":
         return 1.0
     decay_steps = total_steps - warmup_steps if decay_ratio < 0 else round(total_steps * decay_ratio)

@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay, built over one or more model parts (pipeline stages)."""
+"""AdamW (decoupled weight decay) or Adam (L2 weight decay), built over one or more model parts
+(pipeline stages)."""
 
 from __future__ import annotations
 
@@ -34,4 +35,5 @@ def build_optimizer(model_parts: list[nn.Module], optimizer_config, device_type:
     groups = _param_groups(model_parts, optimizer_config.weight_decay)
     if optimizer_config.name == "AdamW":
         return torch.optim.AdamW(groups, **kwargs)
-    return torch.optim.Adam([{"params": g["params"]} for g in groups], **kwargs)
+    # Adam's weight decay is L2: added to the gradient before the moments (as TorchTitan passes it).
+    return torch.optim.Adam(groups, **kwargs)
