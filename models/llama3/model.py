@@ -181,9 +181,11 @@ class Transformer(nn.Module):
         args = self.args
         if fqn.endswith("norm.weight"):
             return "ones", 0.0
-        if fqn.startswith("tok_embeddings"):
+        # A tied embedding is also the LM head: it takes the head's init (std 1 would make the initial
+        # logits' std about sqrt(dim), a loss in the thousands), as TorchTitan's tied models end up with.
+        if fqn.startswith("tok_embeddings") and not args.tie_word_embeddings:
             return "normal", 1.0
-        if fqn.startswith("output"):
+        if fqn.startswith(("output", "tok_embeddings")):
             return "trunc_normal", args.dim ** -0.5
         if fqn.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")):
             layer_id = int(fqn.split(".")[1])

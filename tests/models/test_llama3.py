@@ -124,6 +124,30 @@ def test_parameter_count_formula_matches_module_and_tied_embeddings_share_storag
     assert model.output.weight is model.tok_embeddings.weight
 
 
+def test_untied_initial_loss_is_near_uniform():
+    vocab = 512
+    model = build(tiny_args(dim=256, vocab_size=vocab))
+    tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten()).item()
+    assert abs(loss - math.log(vocab)) < 0.5, loss
+
+
+def test_tied_embedding_takes_the_output_heads_init():
+    # The tied matrix is also the LM head. With the embedding's std-1 init, the head's logit of the
+    # input token itself (the normed hidden state still points along its embedding at init) would be
+    # about dim, and the first loss in the hundreds; with the head's std dim**-0.5 (what TorchTitan's
+    # tied models end up with) it is about sqrt(dim).
+    vocab, dim = 512, 256
+    model = build(tiny_args(dim=dim, vocab_size=vocab, tie_word_embeddings=True))
+    assert model.output.weight is model.tok_embeddings.weight
+    assert abs(model.output.weight.std().item() * dim ** 0.5 - 1.0) < 0.1
+    tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten()).item()
+    assert loss < math.log(vocab) + dim ** 0.5, loss
+
+
 def test_gradients_flow_to_every_parameter():
     model = build(tiny_args())
     tokens = torch.randint(0, 64, (2, 8))
