@@ -108,6 +108,10 @@ class ParallelDims:
                 raise ConfigError(f"training.seq_len = {training.seq_len} must be divisible by "
                                   f"parallelism.tensor_parallel_degree = {self.tp} (sequence parallel)")
         if self.pp > 1:
+            if getattr(model_args, "tie_word_embeddings", False):
+                raise ConfigError("this model flavor ties the LM head to the embedding (tie_word_embeddings), which "
+                                  "live on the first and the last pipeline stage; set "
+                                  "parallelism.pipeline_parallel_degree = 1")
             self._validate_pipeline(model_args, training, parallelism)
             n_microbatches = training.local_batch_size // parallelism.pipeline_parallel_microbatch_size
             if validation is not None and validation.enable and validation.local_batch_size % n_microbatches != 0:

@@ -88,6 +88,9 @@ _LLAMA32_SCALING = RopeScaling(factor=32.0)
 LLAMA3_FLAVORS: dict[str, Llama3Args] = {
     "debugmodel": Llama3Args(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=64,
                              rope_theta=500000.0, max_seq_len=2048),
+    # the debug model with the LM head tied to the embedding, as in the 1B and 3B flavors (for tests)
+    "debugmodel_tied": Llama3Args(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, multiple_of=64,
+                                  rope_theta=500000.0, max_seq_len=2048, tie_word_embeddings=True),
     "1B": Llama3Args(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, multiple_of=256,
                      rope_scaling=_LLAMA32_SCALING, tie_word_embeddings=True),
     "3B": Llama3Args(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0, multiple_of=256,

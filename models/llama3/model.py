@@ -162,9 +162,22 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = build_norm(args)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.register_buffer("rope_cache", rope_cos_sin(args, args.max_seq_len), persistent=False)
+
+    def tie_weights(self) -> None:
+        """With `tie_word_embeddings`, make the LM head use the embedding's Parameter. Called again
+        wherever a new Parameter replaces one of them: after tensor parallelism shards them, and after
+        `to_empty` materializes them (both give each module its own Parameter). Under FSDP2 the two
+        share one unit, which keeps them tied (models/llama3/parallelize.py)."""
+        if self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:
+            if self.output.weight is not self.tok_embeddings.weight:
+                self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device, recurse: bool = True):
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab); a middle pipeline stage takes and

@@ -28,6 +28,8 @@ def parallelize_llama(model: nn.Module, parallel_dims, mesh, job_config) -> nn.M
         apply_tensor_parallel(model, mesh["tp"], loss_parallel_enabled=not parallelism.disable_loss_parallel)
         if parallelism.enable_async_tensor_parallel:
             enable_async_tensor_parallel(mesh["tp"])
+        # The embedding and the head are both sharded on the vocab dim (Shard(0)): one DTensor serves both.
+        model.tie_weights()
 
     apply_activation_checkpointing(model.layers, job_config.activation_checkpoint.mode,
                                    job_config.activation_checkpoint.selective_ac_option)
@@ -40,9 +42,13 @@ def parallelize_llama(model: nn.Module, parallel_dims, mesh, job_config) -> nn.M
         # CPU collectives (gloo) are unreliable in bf16, so CPU runs keep fp32 end to end.
         param_dtype = _DTYPES[training.mixed_precision_param] if on_cuda else torch.float32
         reduce_dtype = _DTYPES[training.mixed_precision_reduce] if on_cuda else torch.float32
-        units = [] if model.tok_embeddings is None else [model.tok_embeddings]
+        # A tied embedding shares its Parameter with the head, and FSDP2 keeps a shared Parameter
+        # only within one unit: then the embedding joins the head's unit.
+        tied = model.args.tie_word_embeddings
+        units = [] if model.tok_embeddings is None or tied else [model.tok_embeddings]
         units += list(model.layers.values())
-        head = [module for module in (model.norm, model.output) if module is not None]
+        head = [module for module in (model.tok_embeddings if tied else None, model.norm, model.output)
+                if module is not None]
         if head:
             units.append(head)
         apply_fsdp(model, units, mesh[dp_mesh_names], param_dtype, reduce_dtype,

@@ -52,6 +52,8 @@ PLANS: dict[str, Plan] = {
     "reference_batch8_float8_rowwise": Plan(1, 8, (*FLOAT8, "--float8.recipe_name", "rowwise"), local_batch_size=8),
     # fp8 scales are per GEMM call, so pipelined fp8 (4 microbatches of 1) matches accumulation of 4 x 1
     "reference_microbatch1_float8": Plan(1, 4, (*FLOAT8, "--training.global_batch_size", "4"), local_batch_size=1),
+    # the LM head tied to the embedding (as the 1B and 3B flavors): one Parameter, whatever the plan
+    "reference_batch8_tied": Plan(1, 8, ("--model.flavor", "debugmodel_tied"), local_batch_size=8),
     "grad_accumulation_2": Plan(1, 8, ("--training.global_batch_size", "8")),
     "ac_full": Plan(1, 4, ("--activation_checkpoint.mode", "full")),
     "ac_selective_every_2nd_layer": Plan(1, 4, ("--activation_checkpoint.mode", "selective",
@@ -110,6 +112,10 @@ PLANS: dict[str, Plan] = {
     "fsdp2_x_tp2_no_loss_parallel": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
                                                 "--parallelism.tensor_parallel_degree", "2",
                                                 "--parallelism.disable_loss_parallel", "true")),
+    # the tied Parameter sharded on the vocab dim by TP, then in the head's FSDP unit
+    "fsdp2_x_tp2_tied": Plan(4, 8, ("--parallelism.data_parallel_shard_degree", "2",
+                                    "--parallelism.tensor_parallel_degree", "2", "--model.flavor", "debugmodel_tied"),
+                             reference="reference_batch8_tied"),
     "pp2_x_fsdp2": Plan(4, 8, (*PP2, "--parallelism.data_parallel_shard_degree", "2")),
     "pp2_x_tp2": Plan(4, 4, (*PP2, "--parallelism.tensor_parallel_degree", "2")),
     # 8 processes

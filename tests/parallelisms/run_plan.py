@@ -45,6 +45,9 @@ def describe(trainer: Trainer) -> dict:
     return {"blocks": len(blocks),
             "checkpointed_blocks": sum(isinstance(block, CheckpointWrapper) for block in blocks),
             "compiled_blocks": sum(getattr(block, "_compiled_call_impl", None) is not None for block in blocks),
+            # the LM head still uses the embedding's Parameter (None: no part holds both)
+            "tied_head": next((part.output.weight is part.tok_embeddings.weight for part in trainer.model_parts
+                               if part.output is not None and part.tok_embeddings is not None), None),
             "float8_linears": sum(type(module).__name__ == "Float8Linear"
                                   for part in trainer.model_parts for module in part.modules()),
             "sharding": sharding}

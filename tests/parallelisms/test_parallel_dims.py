@@ -33,6 +33,8 @@ INVALID_CASES = {
     "layers_per_stage_does_not_divide_layers": (2, ["--parallelism.pipeline_parallel_degree", "2",
                                                     "--parallelism.pipeline_parallel_layers_per_stage", "3"],
                                                 "does not divide the model's n_layers"),
+    "tied_head_over_pipeline_stages": (2, ["--parallelism.pipeline_parallel_degree", "2", "--model.flavor",
+                                           "debugmodel_tied"], "set parallelism.pipeline_parallel_degree = 1"),
     "split_point_out_of_range": (2, ["--parallelism.pipeline_parallel_degree", "2",
                                      "--parallelism.pipeline_parallel_split_points", '["layers.9"]'],
                                  "pipeline_parallel_split_points contains 'layers.9'"),

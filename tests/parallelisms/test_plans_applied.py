@@ -70,3 +70,5 @@ def test_every_rank_is_sharded_checkpointed_compiled_and_converted_as_configured
 
         assert structure["compiled_blocks"] == (blocks if compiled else 0), where
         assert (structure["float8_linears"] > 0) == float8, where
+        if degrees["pp"] == 1:  # the whole model on every rank: the head is tied exactly in tied flavors
+            assert structure["tied_head"] == (option(name, "--model.flavor", "debugmodel") == "debugmodel_tied"), where

@@ -27,7 +27,7 @@ def test_tp2_with_per_block_compile_matches_single_process(assert_plan_matches_r
     assert_plan_matches_reference("tp2_compile")
 
 
-@pytest.mark.parametrize("plan", ["fsdp2_x_tp2", "fsdp2_x_tp2_no_loss_parallel"])
+@pytest.mark.parametrize("plan", ["fsdp2_x_tp2", "fsdp2_x_tp2_no_loss_parallel", "fsdp2_x_tp2_tied"])
 def test_fsdp2_x_tp2_matches_single_process(assert_plan_matches_reference, plan):
     assert_plan_matches_reference(plan)
 
