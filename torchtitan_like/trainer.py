@@ -22,7 +22,7 @@ from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_see
 from torchtitan_like.config import gradient_accumulation_steps, to_toml, validate_config
 from torchtitan_like.data import build_dataloader, build_tokenizer, check_dataset_paths
 from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, resolve_device,
-                                               set_train_timeout, world_info)
+                                               set_group_timeouts, set_train_timeout, world_info)
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.fault_injection import maybe_inject_fault
 from torchtitan_like.kernels.float8.fsdp import precompute_float8_scales
@@ -96,6 +96,7 @@ class Trainer:
         # --- distributed setup
         init_process_group(self.device, config.comm)
         self.mesh = self.parallel_dims.build_mesh(self.device.type)
+        set_group_timeouts(config.comm.init_timeout_seconds, self.mesh)
         self.dp_rank, self.dp_degree = self._data_parallel_coordinates()
         self._seed_everything(config.training.seed)
         if rank == 0:
@@ -135,6 +136,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.training.steps)
         self.train_state = TrainState()
+        self.train_timeout_set = False  # start-up collectives keep comm.init_timeout_seconds until step 1 ends
         # Checks that the checkpoint folder is writable before any training step.
         self.checkpointer = CheckpointManager(config.checkpoint, config.job.dump_folder, self.model_parts,
                                               self.optimizer, self.lr_scheduler, self.dataloader,
@@ -142,7 +144,6 @@ class Trainer:
         self.metrics = MetricsLogger(config.metrics, config.job.dump_folder, self.device,
                                      self.model_args.flops_per_token(config.training.seq_len),
                                      config.training.steps, rank)
-        set_train_timeout(config.comm)
         if config.job.description:
             logger.info(f"job: {config.job.description}")
         logger.info(f"model {config.model.name} {config.model.flavor}: {self.model_args.num_params():,} parameters, "
@@ -307,6 +308,9 @@ class Trainer:
                     if self.step % config.training.gc_freq == 0:
                         gc.collect(1)
                     loss, grad_norm, data_seconds, lr = self.train_step(data_iterator)
+                    if not self.train_timeout_set:
+                        set_train_timeout(config.comm, self.mesh)
+                        self.train_timeout_set = True
                     maybe_inject_fault(self.rank, self.step, "train")
                     self.metrics.record_step(self.tokens_per_device_step, data_seconds)
                     pending.append(loss)

@@ -57,15 +57,39 @@ def init_process_group(device: torch.device, comm_config) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def set_train_timeout(comm_config) -> None:
-    """After start-up, collectives run under the (usually shorter) training timeout."""
-    if dist.is_initialized() and torch.cuda.is_available():
-        group = dist.distributed_c10d._get_default_group()
-        try:
-            group._get_backend(torch.device("cuda"))._set_default_timeout(
-                datetime.timedelta(seconds=comm_config.train_timeout_seconds))
-        except (AttributeError, RuntimeError):
-            pass  # older torch or a backend without per-backend timeouts: keep the init timeout
+def mesh_groups(mesh) -> list:
+    """The default group and every process group of `mesh`: one per dim, plus flattened dims (dp)."""
+    groups = [dist.distributed_c10d._get_default_group()]
+    if mesh is not None:
+        groups += [mesh.get_group(dim) for dim in range(mesh.ndim)]
+        for name in ("dp",):
+            try:
+                groups.append(mesh[name].get_group())
+            except (KeyError, RuntimeError, ValueError):
+                pass  # not flattened in this mesh
+    unique = {id(group): group for group in groups}
+    return list(unique.values())
+
+
+def set_group_timeouts(seconds: float, mesh) -> None:
+    """Give every group that carries training traffic the timeout `seconds`. The mesh's groups are
+    created with torch's defaults (10 min NCCL, 30 min gloo), not the default group's, and FSDP, TP,
+    PP and the loss reduction all run on them."""
+    if not dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in mesh_groups(mesh):
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def set_train_timeout(comm_config, mesh) -> None:
+    """After the first step (start-up, checkpoint loading and compilation are done), every group runs
+    under the (usually shorter) training timeout. The barrier keeps a rank from shortening it while
+    another is still in a step under the start-up timeout."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    set_group_timeouts(comm_config.train_timeout_seconds, mesh)
 
 
 def destroy_process_group() -> None:
