@@ -27,12 +27,21 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 def _saved_ops() -> set:
     """Ops whose outputs per-op selective AC keeps: matmuls (plain, batched, fused bias, FP8
-    scaled) and every fused attention kernel available in this torch build."""
+    scaled), every fused attention kernel available in this torch build, the amax reductions of
+    Float8 scaling (a scalar or a column: no memory, and no second pass over the input), and the
+    reduce-scatter that ends a tensor-parallel block's attention and FFN under sequence parallel
+    (recomputing it would put the collective on backward's critical path again; its output is a
+    1/tp sequence slice). The sequence-parallel all-gathers are recomputed: keeping their full-
+    sequence outputs would cost as much memory as no checkpointing of them."""
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu")
-    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+             "_scaled_dot_product_flash_attention_for_cpu", "amax")
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    functional_collectives = getattr(torch.ops, "_c10d_functional", None)
+    if functional_collectives is not None and hasattr(functional_collectives, "reduce_scatter_tensor"):
+        ops.add(functional_collectives.reduce_scatter_tensor.default)
+    return ops
 
 
 SAVED_OPS = _saved_ops()

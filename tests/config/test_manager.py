@@ -69,6 +69,7 @@ def test_every_field_is_documented():
     ('[training]\nsteps = "ten"\n', "training.steps = 'ten': expected an integer"),
     ("[training]\nsteps = 0\n", "training.steps = 0 is out of range: must be >= 1"),
     ('[activation_checkpoint]\nmode = "fll"\n', "allowed: none, full, selective"),
+    ('[training]\nmixed_precision_param = "float16"\n', "allowed: bfloat16, float32"),  # no loss scaling
 ])
 def test_config_mistakes_raise_config_error_naming_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -83,8 +83,9 @@ class Training:
     seq_len: int = option(2048, "Tokens per sample.", ge=2)
     max_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables clipping.", ge=0.0)
     steps: int = option(10000, "Optimizer steps to train.", ge=1)
-    mixed_precision_param: str = option("bfloat16", "Parameter/compute dtype on GPU (CPU always trains in float32).",
-                                        choices=("bfloat16", "float32", "float16"))
+    mixed_precision_param: str = option("bfloat16", "Parameter/compute dtype on GPU (CPU always trains in float32); "
+                                        "no float16: it needs loss scaling, which bfloat16 does not.",
+                                        choices=("bfloat16", "float32"))
     mixed_precision_reduce: str = option("float32", "Gradient reduction dtype under FSDP.",
                                          choices=("float32", "bfloat16"))
     enable_cpu_offload: bool = option(False, "Offload FSDP parameters, gradients and optimizer state to CPU.")
