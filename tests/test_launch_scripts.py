@@ -10,11 +10,12 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, free_port, tiny_overrides
 
 RUN_TRAIN = os.path.join(REPO_ROOT, "run_train.sh")
 SLURM_SCRIPT = os.path.join(REPO_ROOT, "multinode_trainer.slurm")
@@ -22,14 +23,20 @@ CONFIG = "train_configs/llama3_70b.toml"
 
 
 def _fake_tools(folder) -> dict[str, str]:
-    """Fake `scontrol` (hostnames of the node list; records requeues) and `srun` (sleeps)."""
+    """Fake `scontrol` (hostnames of the node list; records requeues) and `srun`: the training step
+    runs until a `pkill` step (the forwarded USR1) tells it to stop, then takes a second to "save"."""
     folder.mkdir(exist_ok=True)
-    log = folder / "calls.log"
+    log, stop = folder / "calls.log", folder / "stop"
     (folder / "scontrol").write_text(
         "#!/bin/sh\n"
         f'echo "scontrol $*" >> "{log}"\n'
         'if [ "$1 $2" = "show hostnames" ]; then printf "gpu-node-07\\ngpu-node-08\\ngpu-node-09\\n"; fi\n')
-    (folder / "srun").write_text(f'#!/bin/sh\necho "srun $*" >> "{log}"\nsleep 30\n')
+    (folder / "srun").write_text(
+        "#!/bin/sh\n"
+        f'echo "srun $*" >> "{log}"\n'
+        f'case "$*" in *pkill*) touch "{stop}"; exit 0;; esac\n'
+        f'i=0; while [ ! -f "{stop}" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n'
+        f'sleep 1; echo "training stopped" >> "{log}"; exit 1\n')
     for name in ("scontrol", "srun"):
         os.chmod(folder / name, 0o755)
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "CALLS_LOG": str(log)}
@@ -90,7 +97,7 @@ def test_slurm_script_has_the_preemption_directives():
     assert "--requeue" in directives and any(d.startswith("--signal=") and d.endswith("USR1@120") for d in directives)
 
 
-def test_usr1_before_the_time_limit_requeues_the_job(tmp_path):
+def test_usr1_before_the_time_limit_lets_the_trainers_save_then_requeues(tmp_path):
     env = _slurm_env(tmp_path)
     process = subprocess.Popen(["bash", SLURM_SCRIPT], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -100,14 +107,50 @@ def test_usr1_before_the_time_limit_requeues_the_job(tmp_path):
         while not (os.path.exists(log) and "srun" in open(log).read()) and time.monotonic() < deadline:
             time.sleep(0.1)
         process.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 20
-        while "requeue" not in open(log).read() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "scontrol requeue 4242" in open(log).read()
+        process.communicate(timeout=40)
+        calls = open(log).read().splitlines()
+        forward = next(i for i, call in enumerate(calls) if "pkill -USR1 -f" in call)
+        assert "--overlap" in calls[forward] and "torchtitan_like[.]train" in calls[forward]
+        # requeued only once the trainers stopped (an immediate requeue would kill them mid-save)
+        assert calls.index("training stopped") > forward
+        assert calls[-1] == "scontrol requeue 4242" and calls.index("scontrol requeue 4242") > calls.index(
+            "training stopped")
     finally:
-        # The whole session: the script and the fake srun it started (a real requeue would kill both).
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=30)
+
+
+def test_the_slurm_signal_pattern_reaches_the_trainers_not_torchrun(tmp_path):
+    # The script forwards USR1 with `pkill -f TRAINER_PATTERN` on every node: the pattern must match
+    # torchrun's worker processes (which then save and stop) and not torchrun (which USR1 would kill).
+    with open(SLURM_SCRIPT) as script:
+        pattern = next(line.split("=", 1)[1].strip().strip("'") for line in script
+                       if line.startswith("TRAINER_PATTERN="))
+    dump = str(tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "torchtitan_like.train",
+               *tiny_overrides(dump, steps=10_000), "--parallelism.data_parallel_shard_degree", "2",
+               "--checkpoint.enable", "true", "--checkpoint.interval", "100000"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "step     3/" in line:
+                break
+        matched = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        assert len(matched) == 2, (matched, pattern)  # the two workers, not torchrun
+        subprocess.run(["pkill", "-USR1", "-f", pattern], check=True)
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert "received SIGUSR1" in output, output[-3000:]
+    saved = [name for name in os.listdir(os.path.join(dump, "checkpoint")) if name.startswith("step-")]
+    assert len(saved) == 1 and not saved[0].endswith(".tmp"), saved
 
 
 def test_run_train_dry_run_passes_settings_and_extra_arguments(tmp_path):
