@@ -43,6 +43,10 @@ def final_losses_and_model(dump: str, step: int) -> tuple[list[float], dict[str,
     return read_section(path, "train_state")["losses"].tolist(), read_section(path, "model")
 
 
+def saved_rng(dump: str, step: int) -> dict[str, torch.Tensor]:
+    return read_section(os.path.join(dump, "checkpoint", f"step-{step}"), "rng")
+
+
 def assert_all_committed_checkpoints_load(dump: str) -> list[int]:
     complete = folders.complete_checkpoints(os.path.join(dump, "checkpoint"), warn=False)
     for checkpoint in complete:
@@ -55,7 +59,7 @@ def straight_run(tmp_path_factory):
     dump = str(tmp_path_factory.mktemp("straight"))
     result = run_cli(run_args(dump, steps=8, interval=4), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return final_losses_and_model(dump, 8)
+    return (*final_losses_and_model(dump, 8), saved_rng(dump, 8))
 
 
 def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, straight_run):
@@ -67,10 +71,13 @@ def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, st
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stdout
     losses, model = final_losses_and_model(dump, 8)
-    expected_losses, expected_model = straight_run
+    expected_losses, expected_model, expected_rng = straight_run
     assert losses == expected_losses  # bit for bit: same data position, RNG, optimizer and schedule
     for name, value in expected_model.items():
         assert torch.equal(model[name], value), name
+    # Nothing (e.g. iter(dataloader)) drew from the restored torch RNG. (Python's `random` is not
+    # seeded by the trainer, so its state differs between any two processes.)
+    assert torch.equal(saved_rng(dump, 8)["rank_0.torch_cpu"], expected_rng["rank_0.torch_cpu"])
 
 
 def test_sigterm_saves_at_the_step_boundary_exits_75_and_resume_continues(tmp_path):

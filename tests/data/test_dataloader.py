@@ -120,3 +120,16 @@ def test_empty_corpus_and_missing_path_are_data_errors(tmp_path):
         build_dataloader(config, ByteTokenizer(), 0, 1)
     with pytest.raises(DataError, match="needs training.dataset_path"):
         build_dataloader(make_job_config(dataset="local"), ByteTokenizer(), 0, 1)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_iterating_a_loader_leaves_the_global_torch_rng_untouched(split):
+    # The trainer restores the RNG state from a checkpoint and then calls iter(loader); a draw here
+    # would make a resumed run's random stream differ from the uninterrupted run's.
+    config = make_job_config(seq_len=16, local_batch_size=2)
+    loader = build_dataloader(config, ByteTokenizer(), dp_rank=0, dp_world_size=1, split=split)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_like.data.builtin_corpus import load_builtin_documents
@@ -130,5 +131,8 @@ def build_dataloader(job_config: Any, tokenizer: Tokenizer, dp_rank: int, dp_wor
     is_train = split == "train"
     sampler = ShardedSampler(len(dataset), dp_rank, dp_world_size, seed=settings.seed,
                              shuffle=is_train, infinite=is_train)
+    # Its own generator: every iter(loader) draws a base seed, which would otherwise come from the
+    # global torch RNG and shift a just-restored RNG state (and every validation pass another draw).
+    generator = torch.Generator().manual_seed(settings.seed)
     return StatefulDataLoader(dataset, batch_size=settings.local_batch_size, sampler=sampler, drop_last=True,
-                              num_workers=0, collate_fn=collate_samples)
+                              num_workers=0, collate_fn=collate_samples, generator=generator)
