@@ -1,7 +1,8 @@
 """Deterministic fault injection for fault-tolerance tests.
 
 `TORCHTITAN_LIKE_FAULT="RANK:STEP:PHASE"` makes rank RANK kill itself with SIGKILL at step STEP,
-either mid-training (`train`: after the step's backward, before the optimizer step) or mid-save
+either mid-training (`train`: after the step's optimizer update, before its logging, validation
+and checkpoint save) or mid-save
 (`save`: after this rank wrote its checkpoint files, before the commit). It fires only in the
 first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT = 0), so the restarted group runs clean.
 """
