@@ -37,3 +37,45 @@ def build_optimizer(model_parts: list[nn.Module], optimizer_config, device_type:
         return torch.optim.AdamW(groups, **kwargs)
     # Adam's weight decay is L2: added to the gradient before the moments (as TorchTitan passes it).
     return torch.optim.Adam(groups, **kwargs)
+
+
+def reapply_optimizer_config(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
+                             optimizer_config) -> list[str]:
+    """After a resume, make the config's optimizer settings win over the checkpoint's.
+
+    Loading restores every param group's options (lr, initial_lr, weight_decay, betas, eps) and the
+    scheduler's base_lrs as they were saved, so a changed `optimizer.lr` etc. would be silently
+    ignored. The peak LR is re-applied to the schedule and the current LR recomputed for the
+    restored step (the schedule's shape already comes from the config); weight decay goes only to
+    the decayed group (norms and biases stay at 0). Logs and returns one line per changed value.
+    """
+    from torchtitan_like.logging import logger
+
+    changes: dict[str, tuple] = {}
+
+    def apply(group: dict, option: str, name: str, value) -> None:
+        current = tuple(group[option]) if isinstance(value, tuple) else group[option]
+        if current != value:
+            changes.setdefault(name, (current, value))
+        group[option] = value
+
+    for index, group in enumerate(optimizer.param_groups):
+        decayed = any(param.ndim >= 2 for param in group["params"])
+        apply(group, "weight_decay", "weight_decay", optimizer_config.weight_decay if decayed else 0.0)
+        apply(group, "betas", "beta1, beta2", (optimizer_config.beta1, optimizer_config.beta2))
+        apply(group, "eps", "eps", optimizer_config.eps)
+        if lr_scheduler.base_lrs[index] != optimizer_config.lr:
+            changes.setdefault("lr", (lr_scheduler.base_lrs[index], optimizer_config.lr))
+        lr_scheduler.base_lrs[index] = optimizer_config.lr
+        apply(group, "initial_lr", "lr", optimizer_config.lr)
+        # LambdaLR: after k scheduler steps (last_epoch = k) the group's lr is peak x lambda(k).
+        group["lr"] = optimizer_config.lr * lr_scheduler.lr_lambdas[index](lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    lines = [f"optimizer.{name} changed on resume: {_show(old)} -> {_show(new)}" for name, (old, new) in changes.items()]
+    for line in lines:
+        logger.info(line)
+    return lines
+
+
+def _show(value) -> str:
+    return ", ".join(f"{item:g}" for item in value) if isinstance(value, tuple) else f"{value:g}"

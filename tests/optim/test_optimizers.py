@@ -1,0 +1,68 @@
+"""Optimizer settings on resume: the config wins over the values restored from a checkpoint."""
+
+import torch
+
+from tests.checkpoint.common import build_model, train_step
+from torchtitan_like.config.job_config import LRScheduler, Optimizer
+from torchtitan_like.optim import build_lr_scheduler, build_optimizer, lr_multiplier, reapply_optimizer_config
+
+SCHEDULE = LRScheduler(warmup_steps=2, decay_type="cosine")
+STEPS = 10
+
+
+def _train_and_save(config: Optimizer, steps: int):
+    model = build_model()
+    optimizer = build_optimizer([model], config, "cpu")
+    scheduler = build_lr_scheduler(optimizer, SCHEDULE, STEPS)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        train_step(model, optimizer, scheduler)
+    return model, optimizer.state_dict(), scheduler.state_dict()
+
+
+def _resume(config: Optimizer, model, optimizer_state, scheduler_state):
+    optimizer = build_optimizer([model], config, "cpu")
+    scheduler = build_lr_scheduler(optimizer, SCHEDULE, STEPS)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    return optimizer, scheduler
+
+
+def test_changed_lr_weight_decay_betas_and_eps_win_over_the_checkpoint_and_are_logged():
+    saved = Optimizer(lr=2e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    model, optimizer_state, scheduler_state = _train_and_save(saved, steps=3)
+    changed = Optimizer(lr=1e-4, weight_decay=0.0, beta1=0.8, beta2=0.99, eps=1e-6)
+    optimizer, scheduler = _resume(changed, model, optimizer_state, scheduler_state)
+    lines = reapply_optimizer_config(optimizer, scheduler, changed)
+    expected_lr = 1e-4 * lr_multiplier(4, total_steps=STEPS, warmup_steps=2, decay_type="cosine", decay_ratio=-1.0,
+                                       min_lr_factor=SCHEDULE.min_lr_factor)
+    for group in optimizer.param_groups:
+        assert group["lr"] == expected_lr and group["initial_lr"] == 1e-4  # step 4 of the schedule, new peak
+        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["weight_decay"] == 0.0
+    assert scheduler.base_lrs == [1e-4, 1e-4] and scheduler.get_last_lr() == [expected_lr] * 2
+    assert "optimizer.lr changed on resume: 0.002 -> 0.0001" in lines
+    assert "optimizer.weight_decay changed on resume: 0.1 -> 0" in lines
+    assert "optimizer.beta1, beta2 changed on resume: 0.9, 0.95 -> 0.8, 0.99" in lines
+    assert "optimizer.eps changed on resume: 1e-08 -> 1e-06" in lines
+    scheduler.step()  # the next step follows the same schedule at the new peak
+    assert optimizer.param_groups[0]["lr"] == 1e-4 * lr_multiplier(
+        5, total_steps=STEPS, warmup_steps=2, decay_type="cosine", decay_ratio=-1.0, min_lr_factor=SCHEDULE.min_lr_factor)
+
+
+def test_new_weight_decay_reaches_only_the_decayed_group():
+    model, optimizer_state, scheduler_state = _train_and_save(Optimizer(weight_decay=0.1), steps=1)
+    changed = Optimizer(weight_decay=0.05)
+    optimizer, scheduler = _resume(changed, model, optimizer_state, scheduler_state)
+    reapply_optimizer_config(optimizer, scheduler, changed)
+    decay, no_decay = optimizer.param_groups
+    assert all(param.ndim >= 2 for param in decay["params"]) and decay["weight_decay"] == 0.05
+    assert all(param.ndim < 2 for param in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_an_unchanged_config_changes_nothing_bit_for_bit():
+    config = Optimizer(lr=3e-3)
+    model, optimizer_state, scheduler_state = _train_and_save(config, steps=3)
+    optimizer, scheduler = _resume(config, model, optimizer_state, scheduler_state)
+    restored = [dict(group, params=None) for group in optimizer.param_groups]
+    assert reapply_optimizer_config(optimizer, scheduler, config) == []
+    assert [dict(group, params=None) for group in optimizer.param_groups] == restored
