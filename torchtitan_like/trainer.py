@@ -30,7 +30,7 @@ from torchtitan_like.logging import logger
 from torchtitan_like.losses import cross_entropy_loss
 from torchtitan_like.metrics import MetricsLogger
 from torchtitan_like.models import get_model_spec
-from torchtitan_like.optim import build_lr_scheduler, build_optimizer
+from torchtitan_like.optim import build_lr_scheduler, build_optimizer, reapply_optimizer_config
 from torchtitan_like.preemption import Preempted, PreemptionWatcher
 from torchtitan_like.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.distributed.tensors import full_tensor
@@ -293,8 +293,14 @@ class Trainer:
             path = create_seed_checkpoint(config.checkpoint, config.job.dump_folder, self.model_parts)
             logger.info(f"seed checkpoint written to {path}")
             return []
-        if self.checkpointer.load():
+        self.step = self.checkpointer.load()
+        if self.step:
             logger.info(f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
+            reapply_optimizer_config(self.optimizer, self.lr_scheduler, config.optimizer)
+        if self.step >= config.training.steps:  # e.g. a finished job requeued or restarted
+            logger.info(f"training already finished: checkpoint step {self.step} >= training.steps = "
+                        f"{config.training.steps}; nothing to train")
+            return list(self.train_state.losses)
         data_iterator = iter(self.dataloader)
         watcher = PreemptionWatcher(self.device)
         pending: list[torch.Tensor] = []  # losses not yet read back: no device sync every step

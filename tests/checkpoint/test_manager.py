@@ -6,10 +6,13 @@ import os
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 
 from tests.checkpoint.common import (FakeDataloader, build_model, build_training, checkpoint_config, tiny_args,
                                      train_step)
-from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint
+from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint, folders
+from torchtitan_like.checkpoint.state import ModelState
 from torchtitan_like.errors import ConfigError, UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -91,16 +94,55 @@ def test_async_save_produces_a_complete_loadable_checkpoint(tmp_path):
     assert restored[3].position == 3
 
 
-def test_final_model_only_save_in_export_dtype_loads_the_model_alone(tmp_path):
-    training = _training()
+def test_final_model_only_export_sits_beside_the_full_checkpoint_which_still_resumes(tmp_path):
+    training = _training(position=6)
+    train_step(*training[:3])
+    training[4].step = 4
     manager = _manager(tmp_path, training, last_save_model_only=True, export_dtype="bfloat16")
     manager.save(4, last=True)
-    restored = _training(seed=3, position=11)
-    with pytest.warns(UserWarning, match="model weights only"):
-        assert _manager(tmp_path, restored).load() == 4
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["export", "step-4"]
+    assert os.listdir(tmp_path / "checkpoint" / "export") == ["step-4"]
+    resumed = _training(seed=3, position=11)
+    assert _manager(tmp_path, resumed).load() == 4  # the full checkpoint: everything comes back
+    _assert_same(_snapshot(*training[:3]), _snapshot(*resumed[:3]))
+    assert resumed[3].position == 6 and resumed[4].step == 4
+    # The export is a model-only checkpoint root of its own, in export_dtype.
+    exported = _training(seed=3, position=11)
+    config = dict(initial_load_path=str(tmp_path / "checkpoint" / "export"))
+    assert _manager(tmp_path / "other_run", exported, **config).load() == 0
     for name, value in training[0].state_dict().items():
-        assert torch.equal(restored[0].state_dict()[name], value.to(torch.bfloat16).float()), name
-    assert restored[3].position == 11 and not restored[1].state
+        assert torch.equal(exported[0].state_dict()[name], value.to(torch.bfloat16).float()), name
+    assert exported[3].position == 11 and not exported[1].state
+
+
+def _write_model_only(root, step, model):
+    """A model-only step folder in a run's own root, as older versions wrote the final save."""
+    tmp_path, final_path = folders.tmp_folder(str(root), step), folders.step_folder(str(root), step)
+    dcp.save({"model": ModelState([model]).state_dict()}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    folders.commit(tmp_path, final_path, step, world_size=1, model_only=True)
+
+
+def test_a_newer_model_only_step_folder_never_hides_the_full_checkpoint(tmp_path):
+    training = _training(position=5)
+    train_step(*training[:3])
+    training[4].step = 2
+    _manager(tmp_path, training).save(2)
+    _write_model_only(tmp_path / "checkpoint", 4, build_model(seed=9))
+    resumed = _training(seed=3)
+    with pytest.warns(UserWarning, match="step-4 holds model weights only and cannot resume"):
+        assert _manager(tmp_path, resumed).load() == 2
+    _assert_same(_snapshot(*training[:3]), _snapshot(*resumed[:3]))
+    assert resumed[3].position == 5 and resumed[4].step == 2
+
+
+def test_a_model_only_checkpoint_alone_initializes_the_model_and_training_starts_at_step_0(tmp_path):
+    source = build_model(seed=9)
+    _write_model_only(tmp_path / "checkpoint", 4, source)
+    resumed = _training(seed=3, position=11)
+    with pytest.warns(UserWarning, match="training starts at step 0"):
+        assert _manager(tmp_path, resumed).load() == 0
+    assert torch.equal(resumed[0].output.weight, source.output.weight)
+    assert resumed[3].position == 11 and resumed[4].step == 0 and not resumed[1].state
 
 
 def test_exclude_from_loading_keeps_the_current_dataloader_and_optimizer(tmp_path):

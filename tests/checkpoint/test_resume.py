@@ -80,6 +80,25 @@ def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, st
     assert torch.equal(saved_rng(dump, 8)["rank_0.torch_cpu"], expected_rng["rank_0.torch_cpu"])
 
 
+def test_a_finished_run_relaunched_trains_nothing_and_an_extended_one_resumes_from_its_last_step(tmp_path):
+    dump = str(tmp_path)
+    args = run_args(dump, steps=4, interval=2)[:-2]  # default last_save_model_only = true
+    finished = run_cli(args, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(dump, "checkpoint"))) == ["export", "step-2", "step-4"]
+    losses, _ = final_losses_and_model(dump, 4)
+    relaunched = run_cli(args, timeout=300)  # e.g. a Slurm requeue or torchrun restart of a finished job
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    assert "resumed from step 4" in relaunched.stdout and "nothing to train" in relaunched.stdout
+    assert "step     1/4" not in relaunched.stdout
+    extended = run_args(dump, steps=6, interval=2)[:-2] + ["--optimizer.lr", "1e-4"]
+    resumed = run_cli(extended, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout
+    assert "optimizer.lr changed on resume: 0.002 -> 0.0001" in resumed.stdout
+    assert final_losses_and_model(dump, 6)[0][:4] == losses
+
+
 def test_sigterm_saves_at_the_step_boundary_exits_75_and_resume_continues(tmp_path):
     dump = str(tmp_path / "preempted")
     args = run_args(dump, steps=60, interval=1000)

@@ -7,6 +7,8 @@ Layout under the checkpoint root (`<job.dump_folder>/<checkpoint.folder>`):
         __0_0.distcp ...   one data file per writing rank
         .complete          JSON marker: step, world size, time, model_only, files and their sizes
     step-200.tmp/          a save in progress (or a crashed one): never loaded
+    export/step-200/       the final model-only save (`last_save_model_only`): a separate root, so
+                           it never replaces or hides the full checkpoint of its step
 
 A save writes into `step-N.tmp`; once every rank has finished writing, rank 0 writes `.complete`
 (listing each file with its size) and renames the folder to `step-N`. A rename within one file system
@@ -30,6 +32,7 @@ COMPLETE_MARKER = ".complete"
 TMP_SUFFIX = ".tmp"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 _TMP_FOLDER = re.compile(r"^step-(\d+)\.tmp$")
+EXPORT_FOLDER = "export"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ def step_folder(root: str, step: int) -> str:
 
 def tmp_folder(root: str, step: int) -> str:
     return step_folder(root, step) + TMP_SUFFIX
+
+
+def export_root(root: str) -> str:
+    """Where model-only exports of a run go: not a step folder of `root`, so resuming never sees them."""
+    return os.path.join(root, EXPORT_FOLDER)
 
 
 def ensure_writable(root: str) -> None:
@@ -92,8 +100,8 @@ def commit(tmp_path: str, final_path: str, step: int, world_size: int, model_onl
         os.fsync(marker_file.fileno())
     _fsync_folder(tmp_path)
     if os.path.exists(final_path):
-        # Saving a step again (e.g. the final model-only save at an interval step): move the old
-        # one aside first so the new one still appears with a single rename.
+        # Saving a step again (e.g. a run resumed from a checkpoint after it): move the old one
+        # aside first so the new one still appears with a single rename.
         replaced = final_path + ".replaced" + TMP_SUFFIX
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final_path, replaced)

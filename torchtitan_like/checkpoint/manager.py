@@ -13,9 +13,10 @@ How the trainer uses it (every rank, same calls in the same order):
     checkpointer.close()                # waits for an in-flight async save and commits it
 
 `save` writes into `step-N.tmp` and commits atomically (folders.py); `load` picks the newest complete
-checkpoint, skipping incomplete ones with a warning. Model, optimizer, LR scheduler, dataloader
-position (per data-parallel rank), RNG states (per rank) and every `extra_states` entry are saved; the
-final save is model-only in `checkpoint.export_dtype` when `last_save_model_only` is set.
+full checkpoint, skipping incomplete ones with a warning. Model, optimizer, LR scheduler, dataloader
+position (per data-parallel rank), RNG states (per rank) and every `extra_states` entry are saved.
+With `last_save_model_only` the final save writes, besides that step's full checkpoint, a model-only
+export in `checkpoint.export_dtype` under `export/step-N`, which resuming never picks.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class CheckpointManager:
         self.rng = RNGState(self.rank)
         self.extra_states = dict(extra_states or {})
         self.process_group = process_group
-        self._pending: tuple[Any, int, str, str, bool] | None = None
+        self._pending: tuple[Any, int, str, str] | None = None  # in-flight async save: future, step, paths
         self._async_group = None
 
         for name in self.extra_states:
@@ -137,7 +138,7 @@ class CheckpointManager:
             return
         folders.ensure_writable(self.root)  # every rank: ranks may not share one file system
         if self.rank == 0:
-            for name in folders.remove_stale_tmp(self.root):
+            for name in folders.remove_stale_tmp(self.root) + folders.remove_stale_tmp(folders.export_root(self.root)):
                 warnings.warn(f"removed {name} left by an earlier save that did not finish", stacklevel=2)
         if checkpoint_config.async_mode != "disabled" and dist.is_available() and dist.is_initialized():
             # A separate gloo group: the background save thread must not share a communicator with
@@ -161,32 +162,37 @@ class CheckpointManager:
         """Save when due (every `interval` steps, or `last`), or now (`force`, e.g. on preemption);
         returns whether a save started.
 
-        The last save is synchronous (the process is about to exit) and model-only in
-        `export_dtype` when `last_save_model_only` is set; a forced save is full and synchronous.
+        The last and forced saves are full and synchronous (the process is about to exit); with
+        `last_save_model_only` the last save also writes the model alone in `export_dtype` to
+        `export/step-N`, beside (never instead of) the full checkpoint, so the run stays resumable.
         """
         if not self.should_save(step, last, force):
             return False
-        last = last and not force
         self.maybe_wait()
-        model_only = last and self.config.last_save_model_only
-        if model_only:
-            state = {"model": self.model.state_dict(dtype=EXPORT_DTYPES[self.config.export_dtype])}
-        else:
-            state = self._full_state()
-        tmp_path, final_path = folders.tmp_folder(self.root, step), folders.step_folder(self.root, step)
+        state = self._full_state()
         if self.config.async_mode != "disabled" and not last and not force:
+            tmp_path, final_path = folders.tmp_folder(self.root, step), folders.step_folder(self.root, step)
             writer = FileSystemWriter(tmp_path, cache_staged_state_dict=self._use_pinned_memory())
             response = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
             future = getattr(response, "upload_completion", response)
-            self._pending = (future, step, tmp_path, final_path, model_only)
+            self._pending = (future, step, tmp_path, final_path)
             return True
+        self._save_now(state, self.root, step)
+        if last and self.config.last_save_model_only:
+            model = self.model.state_dict(dtype=EXPORT_DTYPES[self.config.export_dtype])
+            self._save_now({"model": model}, folders.export_root(self.root), step, model_only=True)
+        return True
+
+    def _save_now(self, state: dict[str, Any], root: str, step: int, model_only: bool = False) -> None:
+        tmp_path, final_path = folders.tmp_folder(root, step), folders.step_folder(root, step)
         dcp.save(state, storage_writer=FileSystemWriter(tmp_path), process_group=self.process_group)
         maybe_inject_fault(self.rank, step, "save")
         _barrier(self.process_group)
         if self.rank == 0:
-            self._commit(step, tmp_path, final_path, model_only)
+            folders.commit(tmp_path, final_path, step, self.world_size, model_only)
+            if not model_only:
+                folders.apply_retention(self.root, self.config.keep_latest_k)
         _barrier(self.process_group)
-        return True
 
     def _use_pinned_memory(self) -> bool:
         if self.config.async_mode != "async_with_pinned_mem":
@@ -196,10 +202,6 @@ class CheckpointManager:
                           "without pinned memory", stacklevel=3)
             return False
         return True
-
-    def _commit(self, step: int, tmp_path: str, final_path: str, model_only: bool) -> None:
-        folders.commit(tmp_path, final_path, step, self.world_size, model_only)
-        folders.apply_retention(self.root, self.config.keep_latest_k)
 
     def maybe_wait(self, block: bool = True) -> None:
         """Finish an in-flight async save: wait for it (or, with block=False, only if it is done)
@@ -211,13 +213,14 @@ class CheckpointManager:
         """
         if self._pending is None:
             return
-        future, step, tmp_path, final_path, model_only = self._pending
+        future, step, tmp_path, final_path = self._pending
         if not block and not future.done():
             return
         self._pending = None
         future.result()
         if self.rank == 0:
-            self._commit(step, tmp_path, final_path, model_only)
+            folders.commit(tmp_path, final_path, step, self.world_size, model_only=False)
+            folders.apply_retention(self.root, self.config.keep_latest_k)
 
     def close(self) -> None:
         """Wait for and commit any in-flight async save; call once before the process exits."""
@@ -228,17 +231,19 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------- loading
     def load(self, step: int = -1) -> int:
-        """Restore the newest complete checkpoint (or `step`, or `checkpoint.load_step`).
+        """Restore the newest complete full checkpoint (or `step`, or `checkpoint.load_step`).
 
-        Returns the restored step, 0 when there is nothing to resume. When the run's folder has no
-        checkpoint, `initial_load_path` (if set) initializes the model (and, unless
-        `initial_load_model_only`, the rest) and 0 is returned for a model-only initialization.
+        Returns the step training continues from: the restored step, or 0 when there is nothing
+        to resume or only the model was loaded (a model-only checkpoint restores no train state).
+        When the run's folder has no checkpoint, `initial_load_path` (if set) initializes the model
+        (and, unless `initial_load_model_only`, the rest).
         """
         if not self.enabled:
             return 0
         self.maybe_wait()
         requested = step if step >= 0 else self.config.load_step
         found = folders.complete_checkpoints(self.root)
+        full = [folder for folder in found if not folder.model_only]
         if requested >= 0:
             matches = [folder for folder in found if folder.step == requested]
             if not matches:
@@ -246,7 +251,15 @@ class CheckpointManager:
                 raise ConfigError(f"checkpoint.load_step = {requested}: no complete checkpoint step-{requested} "
                                   f"in {self.root} (complete steps: {available})")
             folder = matches[0]
-        elif found:
+        elif full:
+            # Only a full checkpoint resumes a run. A model-only step folder in the run's own root
+            # (written as the final save by older versions) must not hide it, or the run would
+            # start over from step 0.
+            folder = full[-1]
+            for newer in (other for other in found if other.model_only and other.step > folder.step):
+                warnings.warn(f"{newer.path} holds model weights only and cannot resume the run: resuming "
+                              f"from the full checkpoint {folder.path}", stacklevel=2)
+        elif found:  # only model-only ones, e.g. a seed checkpoint: they initialize the model
             folder = found[-1]
         elif self.config.initial_load_path:
             folder = folders.resolve_checkpoint(self.config.initial_load_path)
@@ -255,10 +268,13 @@ class CheckpointManager:
             return 0 if model_only else folder.step
         else:
             return 0
-        if folder.model_only and folder.step > 0:
-            warnings.warn(f"{folder.path} holds model weights only: optimizer, scheduler and data "
-                          f"position start fresh", stacklevel=2)
-        self._load_folder(folder, folder.model_only)
+        if folder.model_only:
+            if folder.step > 0:
+                warnings.warn(f"{folder.path} holds model weights only: training starts at step 0 from its "
+                              f"weights; optimizer, scheduler and data position start fresh", stacklevel=2)
+            self._load_folder(folder, model_only=True)
+            return 0
+        self._load_folder(folder, model_only=False)
         return folder.step
 
     def _load_folder(self, folder: folders.CheckpointFolder, model_only: bool) -> None:

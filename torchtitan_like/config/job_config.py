@@ -123,7 +123,8 @@ class Checkpoint:
     interval: int = option(500, "Save every this many steps.", ge=1)
     keep_latest_k: int = option(0, "Keep only the newest k complete checkpoints; 0 keeps all.", ge=0)
     load_step: int = option(-1, "Step to load; -1 loads the newest complete checkpoint.", ge=-1)
-    last_save_model_only: bool = option(True, "The final save holds model weights only (an export).")
+    last_save_model_only: bool = option(True, "The final save also exports the model alone, in export_dtype, to "
+                                                      "<folder>/export/step-N (the full checkpoint is kept).")
     export_dtype: str = option("float32", "Dtype of a model-only export.", choices=("float32", "bfloat16", "float16"))
     async_mode: str = option("disabled", "Asynchronous saving.", choices=("disabled", "async", "async_with_pinned_mem"))
     exclude_from_loading: list = option([], "State keys not loaded on resume, e.g. [\"optimizer\", \"dataloader\"].")
