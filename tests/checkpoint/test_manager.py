@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from tests.checkpoint.common import (FakeDataloader, build_model, build_training, checkpoint_config, tiny_args,
-                                     train_step)
+from tests.checkpoint.common import (FakeDataloader, build_model, build_training, checkpoint_config, run_on_ranks,
+                                     tiny_args, train_step)
 from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint, folders
 from torchtitan_like.checkpoint.state import ModelState
 from torchtitan_like.errors import ConfigError, UserError
@@ -143,6 +144,51 @@ def test_a_model_only_checkpoint_alone_initializes_the_model_and_training_starts
         assert _manager(tmp_path, resumed).load() == 0
     assert torch.equal(resumed[0].output.weight, source.output.weight)
     assert resumed[3].position == 11 and resumed[4].step == 0 and not resumed[1].state
+
+
+def test_a_finished_async_save_is_committed_by_the_next_save_call_without_waiting(tmp_path):
+    manager = _manager(tmp_path, _training(), async_mode="async", interval=10)
+    assert manager.save(10)
+    future = manager._pending[0]
+    deadline = time.monotonic() + 60
+    while not future.done():
+        assert time.monotonic() < deadline, "async save did not finish"
+        time.sleep(0.05)
+    assert os.listdir(tmp_path / "checkpoint") == ["step-10.tmp"]
+    assert not manager.save(11)  # not due, but commits the finished save: a crash now keeps step 10
+    assert os.listdir(tmp_path / "checkpoint") == ["step-10"]
+    folders.check_complete(str(tmp_path / "checkpoint" / "step-10"))
+    manager.close()
+
+
+def _slow_rank_async_save(rank, world_size, folder):
+    """Rank 1 writes its shard 1.5 s late; rank 0 polls without blocking and must not commit before
+    rank 1's file is written (its save completes only after gathering every rank's results)."""
+    from torch.distributed.checkpoint import filesystem
+
+    if rank == 1:
+        real_write = filesystem.FileSystemWriter.write_data
+
+        def slow_write(self, plan, planner):
+            time.sleep(1.5)
+            return real_write(self, plan, planner)
+
+        filesystem.FileSystemWriter.write_data = slow_write
+    manager = _manager(folder, _training(), async_mode="async", interval=2)
+    manager.save(2)
+    deadline = time.monotonic() + 60
+    while manager._pending is not None:
+        assert time.monotonic() < deadline, "async save did not finish"
+        manager.save(3)  # not due: only polls
+        time.sleep(0.05)
+    if rank == 0:
+        marker = folders.check_complete(os.path.join(folder, "checkpoint", "step-2"))
+        assert {"__0_0.distcp", "__1_0.distcp"} <= set(marker["files"]), marker["files"]
+    manager.close()
+
+
+def test_async_commit_by_polling_waits_for_every_rank_to_finish_writing(tmp_path):
+    run_on_ranks(_slow_rank_async_save, 2, str(tmp_path), timeout=90)
 
 
 def test_exclude_from_loading_keeps_the_current_dataloader_and_optimizer(tmp_path):

@@ -8,8 +8,8 @@ How the trainer uses it (every rank, same calls in the same order):
     step = checkpointer.load()          # 0 when nothing to resume; else the restored step
     for step in range(step + 1, steps + 1):
         ...train one step...
-        checkpointer.save(step, last=(step == steps))   # saves only when due (interval) or last
-        checkpointer.maybe_wait(block=False)            # optional: commit a finished async save early
+        checkpointer.save(step, last=(step == steps))   # saves when due (interval) or last; every
+                                                        # call also commits a finished async save
     checkpointer.close()                # waits for an in-flight async save and commits it
 
 `save` writes into `step-N.tmp` and commits atomically (folders.py); `load` picks the newest complete
@@ -160,12 +160,15 @@ class CheckpointManager:
 
     def save(self, step: int, last: bool = False, force: bool = False) -> bool:
         """Save when due (every `interval` steps, or `last`), or now (`force`, e.g. on preemption);
-        returns whether a save started.
+        returns whether a save started. The trainer calls it every step, so every call first
+        commits an async save that has finished meanwhile (no waiting, no collective): otherwise
+        that checkpoint would stay a `.tmp` folder, which a crash before the next save loses.
 
         The last and forced saves are full and synchronous (the process is about to exit); with
         `last_save_model_only` the last save also writes the model alone in `export_dtype` to
         `export/step-N`, beside (never instead of) the full checkpoint, so the run stays resumable.
         """
+        self.maybe_wait(block=False)
         if not self.should_save(step, last, force):
             return False
         self.maybe_wait()
