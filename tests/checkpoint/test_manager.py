@@ -161,6 +161,41 @@ def test_a_finished_async_save_is_committed_by_the_next_save_call_without_waitin
     manager.close()
 
 
+def test_pinned_staging_buffers_of_model_and_optimizer_are_allocated_once(tmp_path, monkeypatch):
+    import torch.distributed._state_dict_utils as state_dict_utils
+    import torch.distributed.checkpoint.staging as staging
+    from torchtitan_like.checkpoint import manager as manager_module
+
+    pinned = []
+    real_create = state_dict_utils._create_cpu_state_dict
+
+    def counting_create(state_dict, pin_memory=False, **kwargs):
+        if pin_memory:
+            pinned.append(set(state_dict))
+        return real_create(state_dict, pin_memory=False, **kwargs)  # no CUDA here: count, do not pin
+
+    monkeypatch.setattr(CheckpointManager, "_use_pinned_memory", lambda self: True)  # as if on CUDA
+    monkeypatch.setattr(staging, "_create_cpu_state_dict", counting_create)
+    monkeypatch.setattr(manager_module, "_create_cpu_state_dict", counting_create, raising=False)
+    training = _training()
+    manager = _manager(tmp_path, training, async_mode="async_with_pinned_mem")
+    snapshots = []
+    for step in (1, 2, 3):
+        train_step(*training[:3])
+        training[4].losses.append(float(step))  # the loss history grows: its buffer is re-made
+        manager.save(step)
+        snapshots.append(_snapshot(*training[:3]))
+    manager.close()
+    model_keys = set(training[0].state_dict())
+    assert sum(1 for keys in pinned if keys == model_keys) == 1
+    assert sum(1 for keys in pinned if any(key.startswith("state.") for key in keys)) == 1  # optimizer
+    for step, expected in zip((1, 2, 3), snapshots):  # reused buffers still hold each save's values
+        restored = _training(seed=5)
+        assert _manager(tmp_path, restored, load_step=step).load() == step
+        _assert_same(expected, _snapshot(*restored[:3]))
+        assert restored[4].losses == [1.0, 2.0, 3.0][:step]
+
+
 def _slow_rank_async_save(rank, world_size, folder):
     """Rank 1 writes its shard 1.5 s late; rank 0 polls without blocking and must not commit before
     rank 1's file is written (its save completes only after gathering every rank's results)."""

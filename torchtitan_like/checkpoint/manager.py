@@ -30,7 +30,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_like.checkpoint import folders
@@ -100,6 +102,49 @@ def _fit_to_checkpoint(template: dict, metadata: Metadata, prefix: str, what: st
     return fitted
 
 
+class PinnedStager(BlockingAsyncStager):
+    """Stages async saves into pinned CPU buffers that are kept between saves.
+
+    DCP's own cache (`BlockingAsyncStager(cache_staged_state_dict=True)`) reuses one buffer set
+    only while the state's structure never changes; ours does change (the loss history and the
+    dataloader blob grow), so buffers are cached per top-level state (model, optimizer, ...) and
+    one is allocated again only when that state's tensor shapes or dtypes changed. The large
+    states, model and optimizer, are pinned once per run.
+    """
+
+    def __init__(self):
+        super().__init__(cache_staged_state_dict=True)
+        self._buffers: dict[str, tuple[Any, Any]] = {}  # state name -> (layout, pinned copy)
+
+    @staticmethod
+    def _layout(value: Any) -> Any:
+        if isinstance(value, dict):
+            return tuple((key, PinnedStager._layout(item)) for key, item in value.items())
+        if isinstance(value, (list, tuple)):
+            return tuple(PinnedStager._layout(item) for item in value)
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            return ("tensor", tuple(value.shape), tuple(local.shape), value.dtype)
+        return type(value)
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        staged = {}
+        for name, value in state_dict.items():
+            if not isinstance(value, dict):
+                staged[name] = value
+                continue
+            layout = self._layout(value)
+            cached = self._buffers.get(name)
+            if cached is None or cached[0] != layout:
+                cached = (layout, _create_cpu_state_dict(value, pin_memory=True))
+                self._buffers[name] = cached
+            staged[name] = _copy_state_dict(value, cached[1])
+        return staged
+
+    def close(self) -> None:
+        self._buffers.clear()
+
+
 class CheckpointManager:
     """Saves and loads the training state of this rank; see the module docstring for the call order."""
 
@@ -121,6 +166,7 @@ class CheckpointManager:
         self.process_group = process_group
         self._pending: tuple[Any, int, str, str] | None = None  # in-flight async save: future, step, paths
         self._async_group = None
+        self._pinned_stager: PinnedStager | None = None
 
         for name in self.extra_states:
             if name in BUILTIN_STATES:
@@ -175,8 +221,8 @@ class CheckpointManager:
         state = self._full_state()
         if self.config.async_mode != "disabled" and not last and not force:
             tmp_path, final_path = folders.tmp_folder(self.root, step), folders.step_folder(self.root, step)
-            writer = FileSystemWriter(tmp_path, cache_staged_state_dict=self._use_pinned_memory())
-            response = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
+            response = dcp.async_save(state, storage_writer=FileSystemWriter(tmp_path), process_group=self._async_group,
+                                      async_stager=self._stager())
             future = getattr(response, "upload_completion", response)
             self._pending = (future, step, tmp_path, final_path)
             return True
@@ -196,6 +242,15 @@ class CheckpointManager:
             if not model_only:
                 folders.apply_retention(self.root, self.config.keep_latest_k)
         _barrier(self.process_group)
+
+    def _stager(self) -> BlockingAsyncStager | None:
+        """The pinned-memory stager, built once and kept: its staging buffers are reused by every
+        save (a stager made per save would allocate, and pin, a full copy of the state each time)."""
+        if not self._use_pinned_memory():
+            return None  # DCP stages into ordinary CPU memory
+        if self._pinned_stager is None:
+            self._pinned_stager = PinnedStager()
+        return self._pinned_stager
 
     def _use_pinned_memory(self) -> bool:
         if self.config.async_mode != "async_with_pinned_mem":
@@ -228,6 +283,9 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for and commit any in-flight async save; call once before the process exits."""
         self.maybe_wait()
+        if self._pinned_stager is not None:
+            self._pinned_stager.close()
+            self._pinned_stager = None
         if self._async_group is not None:
             dist.destroy_process_group(self._async_group)
             self._async_group = None
