@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import random
 import time
 
 import torch
@@ -187,7 +188,9 @@ class Trainer:
         return None
 
     def _seed_everything(self, seed: int) -> None:
+        """torch (CPU and every GPU) and Python's `random`, whose states checkpoints save and restore."""
         torch.manual_seed(seed)
+        random.seed(seed)
         if self.config.training.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

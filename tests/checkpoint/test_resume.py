@@ -75,9 +75,10 @@ def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, st
     assert losses == expected_losses  # bit for bit: same data position, RNG, optimizer and schedule
     for name, value in expected_model.items():
         assert torch.equal(model[name], value), name
-    # Nothing (e.g. iter(dataloader)) drew from the restored torch RNG. (Python's `random` is not
-    # seeded by the trainer, so its state differs between any two processes.)
-    assert torch.equal(saved_rng(dump, 8)["rank_0.torch_cpu"], expected_rng["rank_0.torch_cpu"])
+    # Nothing (e.g. iter(dataloader)) drew from the restored RNGs, torch's and Python's (seeded too).
+    resumed_rng = saved_rng(dump, 8)
+    for generator in ("rank_0.torch_cpu", "rank_0.python"):
+        assert torch.equal(resumed_rng[generator], expected_rng[generator]), generator
 
 
 def test_a_finished_run_relaunched_trains_nothing_and_an_extended_one_resumes_from_its_last_step(tmp_path):
