@@ -86,3 +86,46 @@ def test_cpu_offload_without_data_parallel_exits_2():
                       "--training.enable_cpu_offload", "true"], module="torchtitan_like.plan")
     assert result.returncode == 2, result.stderr
     assert "training.enable_cpu_offload = true offloads FSDP-sharded state" in result.stderr
+
+
+def _estimate(layout_overrides=None, **config_overrides):
+    from dataclasses import replace
+
+    from torchtitan_like.config.job_config import ActivationCheckpoint, Parallelism, Training
+    from torchtitan_like.plan_memory import RankLayout, estimate_memory
+
+    shape = BlockShape(dim=4096, kv_dim=1024, ffn_hidden_dim=14336, vocab_size=128256)
+    layout = RankLayout(local_params=10**9, unit_params=[100, 200, 300], head_unit_params=300, blocks_on_rank=2,
+                        has_output=True, stages_on_rank=1, tp=4, pp=1, fsdp=True, reshard_after_forward=True)
+    layout = replace(layout, **(layout_overrides or {}))
+    training = Training(seq_len=1024, local_batch_size=4, **config_overrides.pop("training", {}))
+    parallelism = Parallelism(**config_overrides.pop("parallelism", {}))
+    return estimate_memory(shape, layout, training, parallelism, ActivationCheckpoint(mode="none")).components
+
+
+def _component(components, prefix):
+    return next(value for name, value in components.items() if name.startswith(prefix))
+
+
+def test_fsdp_under_pipeline_holds_every_units_unsharded_gradient():
+    # torch's pipeline stage syncs FSDP gradients only at the last microbatch's backward
+    one_microbatch = _estimate()
+    pipelined = _estimate({"pp": 2}, parallelism={"pipeline_parallel_microbatch_size": 1})
+    assert _component(one_microbatch, "FSDP unsharded gradient (one unit)") == 300 * 4
+    assert _component(pipelined, "FSDP unsharded gradients (every unit") == (100 + 200 + 300) * 4
+
+
+def test_fp32_compute_doubles_activations_and_drops_the_logits_upcast():
+    bf16, fp32 = _estimate(), _estimate(training={"mixed_precision_param": "float32"})
+    assert _component(fp32, "activations") == 2 * _component(bf16, "activations")
+    tokens, vocab, tp = 4 * 1024, 128256, 4
+    head_input = 4 * 4096 / tp * tokens  # the final norm's input, in bf16
+    assert _component(bf16, "output logits") == head_input + (2 + 4 + 4) * vocab / tp * tokens
+    assert _component(fp32, "output logits") == 2 * head_input + (4 + 4) * vocab / tp * tokens
+
+
+def test_without_loss_parallel_every_tp_rank_holds_the_whole_logits():
+    split = _component(_estimate(), "output logits")
+    whole = _component(_estimate(parallelism={"disable_loss_parallel": True}), "output logits")
+    head_input = 4 * 4096 / 4 * 4 * 1024
+    assert whole - head_input == pytest.approx(4 * (split - head_input))

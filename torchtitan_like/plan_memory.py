@@ -11,8 +11,11 @@ the peak of one training step and is the sum of:
    norm + output) in `mixed_precision_param` (bf16, 2 B). Resharding after forward, the peak holds
    two units (the one computing and the one prefetched) plus the norm + output unit, which is never
    resharded; with pipeline parallel (reshard "never") every unit of the stage stays gathered. The
-   unsharded gradient of one unit exists in `mixed_precision_reduce` before its reduce-scatter. Units
-   are TP-sharded, so their sizes are divided by the TP degree. Without FSDP there is no extra copy.
+   unsharded gradient of one unit exists in `mixed_precision_reduce` before its reduce-scatter; with
+   pipeline parallel and more than one microbatch, torch's pipeline stage turns FSDP's gradient sync
+   off until the last microbatch's backward, so the unsharded gradients of every unit of the stage
+   are held at once. Units are TP-sharded, so their sizes are divided by the TP degree. Without FSDP
+   there is no extra copy.
 3. **Activations** saved for backward, counted per transformer block and token, following the method
    of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"), whose
    GPT result is s*b*h*(34 + 5*a*s/h) bytes per layer. That formula assumes a 4h GELU MLP, dropout and
@@ -22,7 +25,10 @@ the peak of one training step and is the sum of:
      - attention_norm input h, its output h (input of wq/wk/wv), RoPE's fp32 copies of q and k
        (2h + 2kv in 2-byte units), SDPA's q, repeated k, repeated v and output (4h), wo's input h;
      - ffn_norm input h, its output h (input of w1/w3), w1 out F, silu out F, w3 out F, w2 input F;
-     giving 22h + 4kv + 8F bytes per token per block (about 51h for Llama 3 8B, vs 34h for GPT).
+     giving 22h + 4kv + 8F bytes per token per block (about 51h for Llama 3 8B, vs 34h for GPT) in
+   bf16; in fp32 (`mixed_precision_param = "float32"`) every activation term doubles (an
+   overestimate of the fp32 copies RoPE and the loss make anyway; measured 22.6k against 13.4k bytes
+   per token per block of the debug model).
    With TP + sequence parallel every tensor is split by the TP degree except the two norm outputs,
    which DTensor saves after the sequence all-gather (4h bytes stay whole).
    - `full` AC keeps only each block's input (2h / tp), plus one block's no-AC activations while it
@@ -32,8 +38,10 @@ the peak of one training step and is the sum of:
      tp), and the partial sums of wo and w2 before their reduce-scatter (2h, whole):
      (8h + 4kv + 4F) / tp + 4h bytes per token per block.
    - `selective` with an integer k checkpoints every k-th block fully and keeps the rest whole.
-   The final norm and output projection add 4h bytes per token and the logits 2V (bf16) + 4V (the
-   fp32 upcast of the cross-entropy), both split by tp under loss parallel.
+   The final norm and output projection add 4h bytes per token, and the loss's forward holds the
+   logits (2V in bf16), their fp32 upcast (4V) and the fp32 log-softmax (4V) at once: 10V (8V in
+   fp32, which needs no upcast; about 11V measured on CPU, the rest allocator transients). Split by
+   tp under loss parallel; whole on every TP rank with `disable_loss_parallel`.
 4. **Pipeline in-flight microbatches**: a rank holds the activations of several microbatches. 1F1B
    and zero-bubble schedules hold up to pp; the interleaved schedules up to pp * (1 + (pp - 1) /
    (pp * v)) for v stages per rank (Narayanan et al. 2021, sec. 2.2.2); GPipe all of them.
@@ -113,9 +121,17 @@ def in_flight_microbatches(schedule: str, pp: int, n_microbatches: int, stages_p
     return float(min(n_microbatches, pp))
 
 
+def logits_bytes_per_token(vocab_size: int, compute_bytes: int, logits_tp: int) -> float:
+    """The loss's peak per token (item 3): logits, their fp32 upcast (none in fp32), fp32 log-softmax."""
+    upcast = FP32_BYTES if compute_bytes < FP32_BYTES else 0
+    return (compute_bytes + upcast + FP32_BYTES) * vocab_size / logits_tp
+
+
 def activation_bytes(shape: BlockShape, layout: RankLayout, ac_mode: str, selective_option: str,
-                     microbatch_tokens: int, in_flight: float) -> tuple[float, float]:
-    """(block activations, output-head activations) in bytes for this rank's peak."""
+                     microbatch_tokens: int, in_flight: float, compute_bytes: int = 2,
+                     loss_parallel: bool = True) -> tuple[float, float]:
+    """(block activations, output-head activations) in bytes for this rank's peak; the block
+    formulas count 2-byte (bf16) elements and scale with `compute_bytes`."""
     tp = layout.tp
     if ac_mode == "selective" and selective_option == "op":
         per_block = block_activation_bytes_per_token(shape, tp, "op") * layout.blocks_on_rank
@@ -133,11 +149,13 @@ def activation_bytes(shape: BlockShape, layout: RankLayout, ac_mode: str, select
     else:
         per_block = block_activation_bytes_per_token(shape, tp, "none") * layout.blocks_on_rank
         recompute = 0.0
-    blocks = (per_block * in_flight + recompute) * microbatch_tokens
+    scale = compute_bytes / 2
+    blocks = (per_block * in_flight + recompute) * microbatch_tokens * scale
     head = 0.0
     if layout.has_output:
         # Only the microbatch at the loss holds logits; the others hold the final norm's input.
-        head = (4 * shape.dim / tp + (2 + 4) * shape.vocab_size / tp) * microbatch_tokens
+        logits = logits_bytes_per_token(shape.vocab_size, compute_bytes, tp if loss_parallel else 1)
+        head = (4 * shape.dim / tp * scale + logits) * microbatch_tokens
     return blocks, head
 
 
@@ -152,6 +170,8 @@ def estimate_memory(shape: BlockShape, layout: RankLayout, training, parallelism
         estimate.notes.append("training.enable_cpu_offload: parameters, gradients and optimizer states live "
                               "in host memory")
 
+    microbatch = parallelism.pipeline_parallel_microbatch_size if layout.pp > 1 else training.local_batch_size
+    n_microbatches = training.local_batch_size // microbatch
     if layout.fsdp:
         param_bytes = DTYPE_BYTES[training.mixed_precision_param]
         reduce_bytes = DTYPE_BYTES[training.mixed_precision_reduce]
@@ -161,18 +181,22 @@ def estimate_memory(shape: BlockShape, layout: RankLayout, training, parallelism
         else:
             gathered = sum(layout.unit_params)
         estimate.components[f"FSDP gathered copies ({training.mixed_precision_param})"] = gathered * param_bytes
-        estimate.components["FSDP unsharded gradient (one unit)"] = largest * reduce_bytes
+        if layout.pp > 1 and n_microbatches > 1:  # no reduce-scatter until the last microbatch
+            estimate.components["FSDP unsharded gradients (every unit of the stage)"] = (
+                sum(layout.unit_params) * reduce_bytes)
+        else:
+            estimate.components["FSDP unsharded gradient (one unit)"] = largest * reduce_bytes
 
-    microbatch = parallelism.pipeline_parallel_microbatch_size if layout.pp > 1 else training.local_batch_size
-    n_microbatches = training.local_batch_size // microbatch
     in_flight = in_flight_microbatches(parallelism.pipeline_parallel_schedule, layout.pp, n_microbatches,
                                        layout.stages_on_rank)
     blocks, head = activation_bytes(shape, layout, ac_config.mode, ac_config.selective_ac_option,
-                                    microbatch * training.seq_len, in_flight)
+                                    microbatch * training.seq_len, in_flight,
+                                    compute_bytes=DTYPE_BYTES[training.mixed_precision_param],
+                                    loss_parallel=not parallelism.disable_loss_parallel)
     mode = ac_config.mode + (f" {ac_config.selective_ac_option}" if ac_config.mode == "selective" else "")
     estimate.components[f"activations (AC {mode}, {in_flight:g} microbatch(es) in flight)"] = blocks
     if layout.has_output:
-        estimate.components["output logits + loss (fp32 upcast)"] = head
+        estimate.components["output logits + loss (fp32 upcast, log-softmax)"] = head
     estimate.components["runtime overhead (CUDA context, NCCL, fragmentation)"] = RUNTIME_OVERHEAD_GIB * GIB
     return estimate
 
