@@ -78,6 +78,11 @@ def test_command_line_exports_sharded_safetensors_and_imports_them(tmp_path):
     assert export.returncode == 0, export.stderr
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    # The debug config's byte tokenizer: BOS 256, EOS 257 (transformers would assume 1 and 2).
+    exported_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation_config = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    for written in (exported_config, generation_config):
+        assert (written["bos_token_id"], written["eos_token_id"]) == (256, 257)
     imported = run_cli(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")],
                        module="torchtitan_like.checkpoint.hf_convert")
     assert imported.returncode == 0, imported.stderr

@@ -121,10 +121,12 @@ def _adapter_module(model_name: str):
 
 
 def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = "llama3", dtype: str = "float32",
-              max_shard_bytes: int = 5 * 1024**3) -> list[str]:
+              max_shard_bytes: int = 5 * 1024**3, bos_id: int | None = None, eos_id: int | None = None) -> list[str]:
     """Write `config.json` and safetensors for the model of a checkpoint; returns the weight files.
 
-    `args` is the model's architecture; a vocab_size <= 0 is taken from the checkpoint.
+    `args` is the model's architecture; a vocab_size <= 0 is taken from the checkpoint. The
+    tokenizer's `bos_id` / `eos_id` go into config.json and generation_config.json: without them
+    transformers assumes its defaults (1 and 2), and `generate()` would never stop at our EOS.
     """
     from safetensors.torch import save_file
 
@@ -137,8 +139,15 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
     adapter = get_model_spec(model_name).state_dict_adapter(args)
     hf_state = {name: value.to(EXPORT_DTYPES[dtype]).contiguous() for name, value in adapter.to_hf(state).items()}
     folders.ensure_writable(output_folder)
+    hf_config = _adapter_module(model_name).hf_config(args, dtype)
+    token_ids = {key: value for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id))
+                 if value is not None}
+    hf_config.update(token_ids)
     with open(os.path.join(output_folder, "config.json"), "w") as config_file:
-        json.dump(_adapter_module(model_name).hf_config(args, dtype), config_file, indent=2)
+        json.dump(hf_config, config_file, indent=2)
+    if token_ids:
+        with open(os.path.join(output_folder, "generation_config.json"), "w") as generation_file:
+            json.dump(token_ids, generation_file, indent=2)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, value in hf_state.items():
@@ -163,18 +172,28 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
 
 
 def _model_and_args(options):
+    """(model name, architecture, bos id, eos id): from the training TOML (its tokenizer gives the
+    special tokens) or from --flavor with --bos-id / --eos-id."""
+    bos_id, eos_id = options.bos_id, options.eos_id
     if options.config:
         from torchtitan_like.config.manager import load_config
+        from torchtitan_like.data import build_tokenizer
 
         config, _ = load_config(["--config", options.config])
         model_name, flavor, vocab_size = config.model.name, config.model.flavor, config.model.vocab_size
+        tokenizer = build_tokenizer(config.model)
+        bos_id = tokenizer.bos_id if bos_id is None else bos_id
+        eos_id = tokenizer.eos_id if eos_id is None else eos_id
     elif options.flavor:
         model_name, flavor, vocab_size = options.model, options.flavor, -1
+        if bos_id is None or eos_id is None:
+            print("warning: no --bos-id / --eos-id (or --config naming the tokenizer): config.json gets no special "
+                  "token ids, and transformers will assume its defaults", file=sys.stderr)
     else:
         raise ConfigError("export needs the architecture: --config TRAIN.toml or --flavor NAME")
     args = get_model_spec(model_name).args_for(flavor)
     args.vocab_size = vocab_size  # -1: read from the checkpoint
-    return model_name, args
+    return model_name, args, bos_id, eos_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--output", required=True, help="Hugging Face folder to write")
     to_hf.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES))
     to_hf.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3, help="split safetensors above this size")
+    to_hf.add_argument("--bos-id", type=int, default=None, help="BOS token id (default: the --config tokenizer's)")
+    to_hf.add_argument("--eos-id", type=int, default=None, help="EOS token id (default: the --config tokenizer's)")
     options = parser.parse_args(argv)
     # One process on purpose: DCP's "assuming single process" notice is noise here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -201,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             path = import_hf(options.hf, options.output, options.model)
             print(f"wrote {path}; point checkpoint.initial_load_path at {options.output}")
         else:
-            model_name, args = _model_and_args(options)
+            model_name, args, bos_id, eos_id = _model_and_args(options)
             files = export_hf(options.checkpoint, options.output, args, model_name, options.dtype,
-                              options.max_shard_bytes)
+                              options.max_shard_bytes, bos_id=bos_id, eos_id=eos_id)
             print(f"wrote config.json and {', '.join(files)} to {options.output}")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
