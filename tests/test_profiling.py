@@ -42,11 +42,13 @@ def test_traces_are_written_at_multiples_of_profile_freq_and_parse_as_json(tmp_p
     assert any(name.startswith("aten::") for name in names)
 
 
-def test_resumed_run_keeps_tracing_multiples_of_profile_freq(tmp_path):
-    config = Profiling(enable_profiling=True, profile_freq=4, save_traces_folder="traces")
-    with maybe_enable_profiling(config, str(tmp_path), global_step=5, rank=0) as profiler:
-        _train(range(6, 14), profiler)  # steps 6..13
-    assert _traced_steps(tmp_path / "traces") == [8, 12]
+@pytest.mark.parametrize("resumed_at", [5, 8, 9])
+def test_resumed_run_keeps_tracing_multiples_of_profile_freq(tmp_path, resumed_at):
+    # Resumed one step before a multiple (9 with freq 10) the first due trace is the very next step.
+    config = Profiling(enable_profiling=True, profile_freq=10, save_traces_folder="traces")
+    with maybe_enable_profiling(config, str(tmp_path), global_step=resumed_at, rank=0) as profiler:
+        _train(range(resumed_at + 1, 31), profiler)  # up to step 30
+    assert _traced_steps(tmp_path / "traces") == [10, 20, 30]
 
 
 def test_schedule_fits_any_frequency():

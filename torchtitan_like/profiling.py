@@ -65,22 +65,23 @@ def maybe_enable_profiling(profiling_config, dump_folder: str, global_step: int 
 
     def save_trace(profiler: torch.profiler.profile) -> None:
         # step_num counts completed steps; the traced one is the step just finished.
-        folder = os.path.join(trace_root, f"iteration_{profiler.step_num}")
+        step = profiler.step_num + global_step
+        folder = os.path.join(trace_root, f"iteration_{step}")
         os.makedirs(folder, exist_ok=True)
         started = time.monotonic()
         profiler.export_chrome_trace(os.path.join(folder, f"rank{rank}_trace.json"))
-        logger.info(f"profiler trace of step {profiler.step_num} saved to {folder} "
-                    f"in {time.monotonic() - started:.1f} s")
+        logger.info(f"profiler trace of step {step} saved to {folder} in {time.monotonic() - started:.1f} s")
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     logger.info(f"profiling every {profiling_config.profile_freq} steps into {trace_root}")
-    with torch.profiler.profile(activities=activities,
-                                schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+    cycle = torch.profiler.schedule(wait=wait, warmup=warmup, active=active)
+    # Resuming at global_step: the profiler counts its steps from 0 and reads its first action from
+    # schedule(0) as it starts, so the schedule is shifted by global_step (setting step_num after the
+    # start would leave that first action stale and could skip a due trace).
+    with torch.profiler.profile(activities=activities, schedule=lambda step: cycle(step + global_step),
                                 on_trace_ready=save_trace, record_shapes=True) as profiler:
-        # Resuming at global_step: the schedule is a function of step_num, so start counting there.
-        profiler.step_num = global_step
         yield profiler
 
 
