@@ -107,6 +107,10 @@ class ParallelDims:
             if training.seq_len % self.tp != 0:
                 raise ConfigError(f"training.seq_len = {training.seq_len} must be divisible by "
                                   f"parallelism.tensor_parallel_degree = {self.tp} (sequence parallel)")
+            if validation is not None and validation.enable and validation.seq_len not in (-1, training.seq_len) \
+                    and validation.seq_len % self.tp != 0:
+                raise ConfigError(f"validation.seq_len = {validation.seq_len} must be divisible by "
+                                  f"parallelism.tensor_parallel_degree = {self.tp} (sequence parallel)")
         if self.pp > 1:
             if getattr(model_args, "tie_word_embeddings", False):
                 raise ConfigError("this model flavor ties the LM head to the embedding (tie_word_embeddings), which "
@@ -114,6 +118,11 @@ class ParallelDims:
                                   "parallelism.pipeline_parallel_degree = 1")
             self._validate_pipeline(model_args, training, parallelism)
             n_microbatches = training.local_batch_size // parallelism.pipeline_parallel_microbatch_size
+            if validation is not None and validation.enable and parallelism.pipeline_parallel_schedule == "ZBVZeroBubble":
+                # torch's V-schedule runtime performs a backward-side transfer even in eval().
+                raise ConfigError("validation.enable = true does not work with parallelism.pipeline_parallel_schedule "
+                                  "= \"ZBVZeroBubble\" (its forward-only pass fails in torch); use another schedule "
+                                  "or validation.enable = false")
             if validation is not None and validation.enable and validation.local_batch_size % n_microbatches != 0:
                 raise ConfigError(f"validation.local_batch_size = {validation.local_batch_size} must be divisible by "
                                   f"the {n_microbatches} pipeline microbatches (training.local_batch_size / "

@@ -60,6 +60,8 @@ _KEEPS_WRAPPER = {
     aten.new_zeros.default, aten.new_empty.default, aten.new_empty_strided.default, aten.empty_like.default,
     aten.clone.default, aten._to_copy.default, aten._pin_memory.default,
 }
+# Copies with the very same values as their input: a precomputed scale carries over to them.
+_SAME_VALUES = {aten.clone.default, aten._to_copy.default, aten._pin_memory.default}
 # View ops FSDP2 and nn.Parameter apply to the unsharded weight; they act on the fp8 data alike.
 _GATHERED_VIEWS = {aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
                    aten.as_strided.default}
@@ -94,7 +96,14 @@ class Float8AllGatherWeight(torch.Tensor):
         inner_args, inner_kwargs = tree_map_only(cls, lambda t: t._data, (args, kwargs or {}))
         out = func(*inner_args, **inner_kwargs)
         if func in _KEEPS_WRAPPER:
-            return tree_map_only(torch.Tensor, cls, out)
+            wrapped = tree_map_only(torch.Tensor, cls, out)
+            source = args[0] if args and isinstance(args[0], cls) else None
+            if func in _SAME_VALUES and source is not None and source._precomputed_scale is not None:
+                # FSDP2 with CPU offload all-gathers from `shard.to(device)`: a copy holds the same
+                # values, so the precomputed scale still holds for it (else every all-gather would
+                # compute its own amax again, silently).
+                wrapped._precomputed_scale = source._precomputed_scale.to(wrapped.device, non_blocking=True)
+            return wrapped
         if isinstance(out, torch.Tensor) and inner_args and out is inner_args[0]:
             return args[0]  # in-place op: return the wrapper it mutated, as for a plain tensor
         return out

@@ -251,3 +251,17 @@ def test_convert_wraps_only_swapped_weights_and_without_fsdp_the_wrapper_is_tran
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     assert fsdp.float8_all_gather_shards([model]) == []  # not FSDP-sharded: nothing to precompute
     assert type(model.state_dict()["0.weight"]) is torch.Tensor  # checkpoints never see the subclass
+
+
+def test_a_precomputed_scale_carries_over_to_copies_of_the_shard_and_not_past_a_mutation():
+    # With CPU offload FSDP2 all-gathers from `shard.to(device)`: the copy must keep the scale
+    # that precompute_float8_dynamic_scale_for_fsdp set, or every all-gather recomputes it.
+    shard = Float8AllGatherWeight(torch.randn(8, 16))
+    scale = torch.tensor(3.0)
+    shard.set_precomputed_scale(scale)
+    for copy in (shard.to("cpu", copy=True), shard.clone()):
+        assert isinstance(copy, Float8AllGatherWeight) and torch.equal(copy._precomputed_scale, scale)
+        copy.mul_(2.0)  # new values: the scale no longer holds
+        assert copy._precomputed_scale is None
+    assert torch.equal(shard._precomputed_scale, scale)  # the copies' mutations leave the source alone
+    assert shard.new_zeros(shard.shape)._precomputed_scale is None  # other values: no scale

@@ -130,7 +130,8 @@ def test_untied_initial_loss_is_near_uniform():
     tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loss = F.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten()).item()
-    assert abs(loss - math.log(vocab)) < 0.5, loss
+    # logits of std ~1 add about var/2 = 0.5 to ln V
+    assert abs(loss - math.log(vocab)) < 1.0, loss
 
 
 def test_tied_embedding_takes_the_output_heads_init():
