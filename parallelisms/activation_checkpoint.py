@@ -24,10 +24,12 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+import torchtitan_like.kernels.float8.gemm  # noqa: F401  registers torchtitan_like::fp8_scaled_mm
+
 
 def _saved_ops() -> set:
     """Ops whose outputs per-op selective AC keeps: matmuls (plain, batched, fused bias, FP8
-    scaled), every fused attention kernel available in this torch build, the amax reductions of
+    scaled by torch or by our Triton kernel), every fused attention kernel available in this torch build, the amax reductions of
     Float8 scaling (a scalar or a column: no memory, and no second pass over the input), and the
     reduce-scatter that ends a tensor-parallel block's attention and FFN under sequence parallel
     (recomputing it would put the collective on backward's critical path again; its output is a
@@ -38,6 +40,8 @@ def _saved_ops() -> set:
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "amax")
     ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    # our Triton fp8 GEMM (kernels/float8/gemm.py registers it when imported)
+    ops.add(torch.ops.torchtitan_like.fp8_scaled_mm.default)
     functional_collectives = getattr(torch.ops, "_c10d_functional", None)
     if functional_collectives is not None and hasattr(functional_collectives, "reduce_scatter_tensor"):
         ops.add(functional_collectives.reduce_scatter_tensor.default)

@@ -261,6 +261,20 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: t
     return out
 
 
+@torch.library.custom_op("torchtitan_like::fp8_scaled_mm", mutates_args=())
+def fp8_scaled_mm_op(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                     out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:
+    """`fp8_gemm` as one operator: activation checkpointing's per-op policy can then save its output
+    like any matmul's (a raw kernel launch is invisible to it, so it was recomputed), and
+    torch.compile sees one node."""
+    return fp8_gemm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=use_fast_accum)
+
+
+@fp8_scaled_mm_op.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
 def emulated_scaled_mm(a, b, scale_a, scale_b, out_dtype=torch.bfloat16) -> torch.Tensor:
     """Dequantize to fp32 and matmul: the numerics of fp8 storage without fp8 tensor cores."""
     _check_operands(a, b, scale_a, scale_b)
@@ -278,7 +292,7 @@ def scaled_mm_reference(a, b, scale_a, scale_b) -> torch.Tensor:
 def _torch_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
     rowwise = _check_operands(a, b, scale_a, scale_b)
     if any(d % 16 for d in (a.shape[0], a.shape[1], b.shape[1])):
-        return fp8_gemm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=use_fast_accum)
+        return fp8_scaled_mm_op(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
     if not b.t().is_contiguous():
         b = b.t().contiguous().t()
     mm_dtype = torch.bfloat16 if rowwise else out_dtype  # rowwise _scaled_mm only writes bf16
@@ -309,5 +323,5 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, backend: str,
     if backend == "torch":
         return _torch_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
     if backend == "triton":
-        return fp8_gemm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=use_fast_accum)
+        return fp8_scaled_mm_op(a, b, scale_a, scale_b, out_dtype, use_fast_accum)
     raise ValueError(f"unresolved float8 backend {backend!r}")

@@ -170,3 +170,39 @@ def test_compiled_float8_linear_has_the_eager_gradients(recipe):
     for name, actual, expected in zip(("y", "dx", "dW"), compiled, eager):
         assert expected.norm() > 0
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_per_op_checkpointing_saves_the_triton_fp8_gemms(recipe="tensorwise"):
+    # The Triton GEMM is an operator (torchtitan_like::fp8_scaled_mm), so the per-op policy keeps its
+    # output like a matmul's: backward runs the GEMMs it runs without checkpointing, full AC more.
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torchtitan_like.models.llama3 import Transformer, get_flavor
+    from torchtitan_like.parallelisms.activation_checkpoint import apply_activation_checkpointing
+
+    class CountGemms(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    args = get_flavor("debugmodel")
+    args.vocab_size, args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.multiple_of = 64, 32, 1, 2, 1, 16
+    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    gemms = {}
+    for mode, option in (("none", "1"), ("full", "1"), ("selective", "op")):
+        model = Transformer(args)
+        model.init_weights(seed=0)
+        convert_to_float8(model, Float8(enable=True, recipe_name=recipe, backend="triton"))
+        apply_activation_checkpointing(model.layers, mode, option)
+        loss = model(tokens).float().mean()
+        with CountGemms() as counter:
+            loss.backward()
+        gemms[mode] = counter.counts["torchtitan_like::fp8_scaled_mm"]
+    assert gemms["none"] > 0 and gemms["full"] > gemms["none"]
+    assert gemms["selective"] == gemms["none"]
