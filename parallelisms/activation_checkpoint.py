@@ -28,13 +28,14 @@ import torchtitan_like.kernels.float8.gemm  # noqa: F401  registers torchtitan_l
 
 
 def _saved_ops() -> set:
-    """Ops whose outputs per-op selective AC keeps: matmuls (plain, batched, fused bias, FP8
-    scaled by torch or by our Triton kernel), every fused attention kernel available in this torch build, the amax reductions of
-    Float8 scaling (a scalar or a column: no memory, and no second pass over the input), and the
-    reduce-scatter that ends a tensor-parallel block's attention and FFN under sequence parallel
-    (recomputing it would put the collective on backward's critical path again; its output is a
-    1/tp sequence slice). The sequence-parallel all-gathers are recomputed: keeping their full-
-    sequence outputs would cost as much memory as no checkpointing of them."""
+    """Ops whose outputs per-op selective AC keeps: matmuls (plain, batched, fused bias, FP8 scaled
+    by torch or by our Triton kernel), every fused attention kernel available in this torch build,
+    the amax reductions of Float8 scaling and, under tensor parallel, their all-reduce (a scalar or
+    a column: no memory, and no second pass or collective in backward), and the reduce-scatter that
+    ends a tensor-parallel block's attention and FFN under sequence parallel (recomputing it would
+    put the collective on backward's critical path again; its output is a 1/tp sequence slice). The
+    sequence-parallel all-gathers are recomputed: keeping their full-sequence outputs would cost as
+    much memory as no checkpointing of them."""
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -43,8 +44,9 @@ def _saved_ops() -> set:
     # our Triton fp8 GEMM (kernels/float8/gemm.py registers it when imported)
     ops.add(torch.ops.torchtitan_like.fp8_scaled_mm.default)
     functional_collectives = getattr(torch.ops, "_c10d_functional", None)
-    if functional_collectives is not None and hasattr(functional_collectives, "reduce_scatter_tensor"):
-        ops.add(functional_collectives.reduce_scatter_tensor.default)
+    for name in ("reduce_scatter_tensor", "all_reduce"):  # all_reduce in a block: the TP Float8 amaxes
+        if functional_collectives is not None and hasattr(functional_collectives, name):
+            ops.add(getattr(functional_collectives, name).default)
     return ops
 
 

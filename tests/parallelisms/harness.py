@@ -77,6 +77,11 @@ PLANS: dict[str, Plan] = {
     "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),
     "tp2_float8": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *FLOAT8),
                        reference="reference_batch4_float8"),
+    # per-op AC over TP Float8 layers: saved GEMMs, reduce-scatters and amax all-reduces change no value
+    "tp2_float8_selective_op_ac": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *FLOAT8,
+                                              "--activation_checkpoint.mode", "selective",
+                                              "--activation_checkpoint.selective_ac_option", "op"),
+                                       reference="tp2_float8"),
     # per-block compile over TP: the blocks' inputs and outputs are local shards of DTensors
     "tp2_compile": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *COMPILE_AOT_EAGER)),
     "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),

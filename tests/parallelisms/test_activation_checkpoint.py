@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.mark.parametrize("plan", ["ac_full", "ac_selective_every_2nd_layer", "ac_selective_per_op"])
+@pytest.mark.parametrize("plan", ["ac_full", "ac_selective_every_2nd_layer", "ac_selective_per_op",
+                                  "tp2_float8_selective_op_ac"])
 def test_activation_checkpointing_matches_no_checkpointing(assert_plan_matches_reference, plan):
     assert_plan_matches_reference(plan)
 
 
-def test_per_op_checkpointing_recomputes_no_matmul_attention_or_reduce_scatter():
+def test_per_op_checkpointing_recomputes_no_matmul_attention_reduce_scatter_or_amax_all_reduce():
     import json
     import os
 
@@ -33,3 +34,8 @@ def test_per_op_checkpointing_recomputes_no_matmul_attention_or_reduce_scatter()
     assert per_op[reduce_scatter] == none[reduce_scatter]
     # the sequence-parallel all-gathers are recomputed (their outputs are full-sequence activations)
     assert per_op[all_gather] == full[all_gather] > none[all_gather]
+    # Float8 under TP all-reduces its amaxes: per-op AC keeps them, full AC reduces them again
+    all_reduce = "_c10d_functional.all_reduce"
+    none, full, per_op = counts["none/1/float8"], counts["full/1/float8"], counts["selective/op/float8"]
+    assert full[all_reduce] > none[all_reduce] > 0
+    assert per_op[all_reduce] == none[all_reduce] and per_op["aten.mm"] == none["aten.mm"]
