@@ -82,6 +82,10 @@ class Trainer:
         self.spec, self.model_args = resolve_model_args(config, self.tokenizer)
         validate_config(config, self.model_args)
         check_dataset_paths(config)
+        if config.checkpoint.enable and config.checkpoint.initial_load_path:
+            from torchtitan_like.checkpoint.hf_convert import check_imported_architecture
+
+            check_imported_architecture(config.checkpoint.initial_load_path, config.model.name, self.model_args)
         self.parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
         self.parallel_dims.validate_model(self.model_args, config.training, config.parallelism, config.validation)
         self.grad_accum_steps = gradient_accumulation_steps(config.training, self.parallel_dims.dp)

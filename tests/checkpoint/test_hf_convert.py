@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests.checkpoint.common import build_model, checkpoint_config, tiny_args
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli, tiny_overrides
 from torchtitan_like.checkpoint import create_seed_checkpoint
-from torchtitan_like.checkpoint.hf_convert import export_hf, import_hf, read_dcp_model
+from torchtitan_like.checkpoint.hf_convert import check_imported_architecture, export_hf, import_hf, read_dcp_model
+from torchtitan_like.errors import ConfigError
 from torchtitan_like.models.llama3.args import RopeScaling
 from torchtitan_like.models.llama3.state_dict_adapter import Llama3StateDictAdapter, args_from_hf_config, hf_config
 
@@ -46,6 +48,13 @@ def test_exported_model_matches_our_logits_in_transformers_and_imports_back_iden
     assert imported.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(imported[key], value), key
+
+    # Training from the import checks that the configured flavor has its architecture: the same
+    # shapes with another RoPE base would load and compute other logits.
+    for path in (tmp_path / "imported", tmp_path / "imported" / "step-0"):
+        check_imported_architecture(str(path), "llama3", args)
+    with pytest.raises(ConfigError, match=r"rope_theta: imported 500000.0, model.flavor gives 10000.0"):
+        check_imported_architecture(str(tmp_path / "imported"), "llama3", replace(args, rope_theta=10000.0))
 
 
 def test_adapter_round_trip_and_config_round_trip():
@@ -88,6 +97,17 @@ def test_command_line_exports_sharded_safetensors_and_imports_them(tmp_path):
     assert imported.returncode == 0, imported.stderr
     _, state = read_dcp_model(str(tmp_path / "imported"))
     assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+
+    # The trainer refuses a flavor whose architecture differs from the import's, before any training.
+    check_imported_architecture(str(tmp_path / "imported"), "llama3", get_flavor("debugmodel"))
+    imported_config_path = tmp_path / "imported" / "hf_import_config.json"
+    imported_config = json.loads(imported_config_path.read_text())
+    imported_config["config"]["rope_theta"] = imported_config["config"]["rope_parameters"]["rope_theta"] = 10000.0
+    imported_config_path.write_text(json.dumps(imported_config))
+    train = run_cli(tiny_overrides(str(tmp_path / "run"), steps=1) + [
+        "--checkpoint.enable", "true", "--checkpoint.initial_load_path", str(tmp_path / "imported")], timeout=120)
+    assert train.returncode == 2, train.stdout + train.stderr
+    assert "rope_theta: imported 10000.0, model.flavor gives 500000.0" in train.stderr
 
 
 def test_export_of_a_missing_checkpoint_is_a_user_error_with_exit_code_2(tmp_path, capsys):

@@ -32,6 +32,7 @@ from torchtitan_like.errors import USER_ERROR_EXIT_CODE, ConfigError, DataError,
 from torchtitan_like.models import get_model_spec
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+IMPORTED_CONFIG = "hf_import_config.json"  # written by `import` beside the step folder
 
 
 def _meta_model_state(model_name: str, args) -> dict[str, torch.Tensor]:
@@ -111,7 +112,41 @@ def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> s
     state = {name: value.to(torch.float32).contiguous() for name, value in state.items()}
     if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    return write_dcp_model(state, output_root)
+    path = write_dcp_model(state, output_root)
+    # Kept beside the weights: the trainer checks that the flavor it builds has this architecture
+    # (the weights alone cannot tell a different RoPE base or scaling).
+    with open(os.path.join(output_root, IMPORTED_CONFIG), "w") as config_file:
+        json.dump({"model": model_name, "config": hf_config}, config_file, indent=2)
+    return path
+
+
+# Architecture fields that change the logits of the same weights (shapes are checked at load).
+_ARCHITECTURE_FIELDS = ("rope_theta", "rope_scaling", "norm_eps", "tie_word_embeddings")
+
+
+def check_imported_architecture(checkpoint_path: str, model_name: str, model_args) -> None:
+    """ConfigError when `checkpoint_path` (a root or a step folder) was written by `import` from a
+    Hugging Face model whose RoPE or norm settings differ from the model the config builds: the
+    weights would load (same shapes) and silently compute other logits. Nothing to check for other
+    checkpoints."""
+    for folder in (checkpoint_path, os.path.dirname(os.path.normpath(checkpoint_path))):
+        path = os.path.join(folder, IMPORTED_CONFIG)
+        if os.path.isfile(path):
+            break
+    else:
+        return
+    with open(path) as config_file:
+        imported = json.load(config_file)
+    if imported.get("model", model_name) != model_name:
+        raise ConfigError(f"checkpoint {checkpoint_path} was imported as model {imported['model']!r}, but "
+                          f"model.name = {model_name!r}")
+    imported_args = _adapter_module(model_name).args_from_hf_config(imported["config"])
+    differences = [f"{name}: imported {getattr(imported_args, name)!r}, model.flavor gives {getattr(model_args, name)!r}"
+                   for name in _ARCHITECTURE_FIELDS if getattr(imported_args, name) != getattr(model_args, name)]
+    if differences:
+        raise ConfigError(f"checkpoint {checkpoint_path} was imported from a Hugging Face model with another "
+                          f"architecture than the configured model.flavor ({'; '.join(differences)}); the weights "
+                          f"would load and compute different logits: choose the flavor matching the import")
 
 
 def _adapter_module(model_name: str):
