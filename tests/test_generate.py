@@ -137,3 +137,22 @@ def test_cli_rejects_bad_sampling_options(checkpoint_and_config, capsys):
     root, config = checkpoint_and_config
     code = generate_cli.main(["--config", config, "--checkpoint", root, "--prompt", "x", "--top-p", "0"])
     assert code == 2 and "--top-p" in capsys.readouterr().err
+
+
+def test_padded_vocabulary_ids_are_never_drawn_and_finished_rows_stay_at_eos():
+    torch.manual_seed(0)
+    model = Transformer(Llama3Args(**{**TINY.__dict__, "vocab_size": 64}))
+    model.init_weights(seed=3)
+    model.eval()
+    prompt = torch.randint(0, 40, (4, 5), generator=torch.Generator().manual_seed(1))
+    # temperature 2 spreads the draws over the whole vocabulary; ids 40..63 are padding
+    result = generate(model, prompt, 60, temperature=2.0, seed=0, vocab_limit=40)
+    assert int(result.tokens.max()) < 40
+    unrestricted = generate(model, prompt, 60, temperature=2.0, seed=0)
+    assert int(unrestricted.tokens.max()) >= 40  # the limit, not the model, kept them out
+    eos = int(result.tokens[0, 0])  # the first row stops at once; the others go on
+    stopped = generate(model, prompt, 30, temperature=2.0, seed=0, eos_id=eos, vocab_limit=40)
+    first_eos = (stopped.tokens == eos).int().argmax(dim=1)
+    for row, start in enumerate(first_eos.tolist()):
+        if bool((stopped.tokens[row] == eos).any()):
+            assert bool((stopped.tokens[row, start:] == eos).all()), (row, stopped.tokens[row])

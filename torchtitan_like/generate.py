@@ -68,8 +68,11 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, use_kv_cache: bool = True, eos_id: int | None = None) -> Generation:
-    """Continue `prompt` (batch, prompt_len); stops early once every row has produced `eos_id`.
+             top_p: float = 1.0, seed: int = 0, use_kv_cache: bool = True, eos_id: int | None = None,
+             vocab_limit: int | None = None) -> Generation:
+    """Continue `prompt` (batch, prompt_len); stops early once every row has produced `eos_id`, and a
+    row that has produced it continues with `eos_id` only. `vocab_limit`: ids from there on (a
+    vocabulary padded beyond the tokenizer's) are never drawn.
 
     With `use_kv_cache` the prompt is prefilled in one forward and each new token costs one
     single-token forward; without it every step reruns the full sequence (the reference).
@@ -89,7 +92,12 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
             start += step_input.shape[1]
         else:
             logits = model(tokens)[:, -1]
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")  # padding rows of the embedding: no token to decode
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
         new_tokens.append(next_token)
         new_logits.append(logits.float())
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
@@ -178,7 +186,7 @@ def run(argv: list[str]) -> int:
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     started = time.perf_counter()
     result = generate(model, prompt, options.max_new_tokens, options.temperature, options.top_k, options.top_p,
-                      options.seed, use_kv_cache=True, eos_id=tokenizer.eos_id)
+                      options.seed, use_kv_cache=True, eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
     elapsed = time.perf_counter() - started
     new_ids = result.tokens[0].tolist()
     print(options.prompt + tokenizer.decode(new_ids), flush=True)
