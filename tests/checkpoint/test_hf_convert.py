@@ -116,3 +116,23 @@ def test_export_of_a_missing_checkpoint_is_a_user_error_with_exit_code_2(tmp_pat
     code = main(["export", "--checkpoint", str(tmp_path / "nothing"), "--flavor", "debugmodel",
                  "--output", str(tmp_path / "hf")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_export_reads_the_training_commands_overrides_with_its_config(tmp_path, capsys):
+    from torchtitan_like.checkpoint.hf_convert import main
+    from torchtitan_like.models.llama3 import get_flavor
+
+    args = get_flavor("debugmodel")
+    args.vocab_size = 128
+    create_seed_checkpoint(checkpoint_config(), str(tmp_path), build_model(args, seed=2))
+    command = ["export", "--checkpoint", str(tmp_path / "checkpoint"), "--output", str(tmp_path / "hf"),
+               "--config", os.path.join(REPO_ROOT, "train_configs", "debug_model.toml")]
+    assert main(command) == 0
+    # The run was trained as --model.flavor 1B, say: the export must build that model (and so refuse
+    # this debug checkpoint), not the TOML's flavor.
+    assert main([*command, "--model.flavor", "1B"]) == 2
+    assert "tok_embeddings.weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage_error:  # overrides only with --config
+        main(["export", "--checkpoint", str(tmp_path / "checkpoint"), "--output", str(tmp_path / "hf2"),
+              "--flavor", "debugmodel", "--model.flavor", "1B"])
+    assert usage_error.value.code == 2

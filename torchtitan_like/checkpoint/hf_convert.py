@@ -2,7 +2,7 @@
 
     python -m torchtitan_like.checkpoint.hf_convert import --hf HF_FOLDER --output CKPT_FOLDER
     python -m torchtitan_like.checkpoint.hf_convert export --checkpoint CKPT_FOLDER \
-        (--config TRAIN.toml | --flavor NAME) --output HF_FOLDER [--dtype bfloat16]
+        (--config TRAIN.toml [--section.key value ...] | --flavor NAME) --output HF_FOLDER [--dtype bfloat16]
 
 `import` reads `config.json` and the `*.safetensors` weights (sharded through
 `model.safetensors.index.json` too) and writes a model-only DCP checkpoint `CKPT_FOLDER/step-0` that
@@ -214,7 +214,8 @@ def _model_and_args(options):
         from torchtitan_like.config.manager import load_config
         from torchtitan_like.data import build_tokenizer
 
-        config, _ = load_config(["--config", options.config])
+        # The training command's overrides too (e.g. --model.flavor), so the export sees that model.
+        config, _ = load_config(["--config", options.config, *options.overrides])
         model_name, flavor, vocab_size = config.model.name, config.model.flavor, config.model.vocab_size
         tokenizer = build_tokenizer(config.model)
         bos_id = tokenizer.bos_id if bos_id is None else bos_id
@@ -249,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--max-shard-bytes", type=int, default=5 * 1024**3, help="split safetensors above this size")
     to_hf.add_argument("--bos-id", type=int, default=None, help="BOS token id (default: the --config tokenizer's)")
     to_hf.add_argument("--eos-id", type=int, default=None, help="EOS token id (default: the --config tokenizer's)")
-    options = parser.parse_args(argv)
+    options, overrides = parser.parse_known_args(argv)
+    if overrides and not (options.command == "export" and options.config):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)} (--section.key value overrides go with "
+                     f"export --config)")
+    options.overrides = overrides
     # One process on purpose: DCP's "assuming single process" notice is noise here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
