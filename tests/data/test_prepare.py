@@ -8,10 +8,12 @@ import numpy as np
 import torch
 
 from tests.data.conftest import make_job_config
+from torchtitan_like.config import validate_config
 from torchtitan_like.data import build_dataloader
 from torchtitan_like.data.prepare import main
 from torchtitan_like.data.shards import ShardMetadata, load_token_shards
 from torchtitan_like.data.tokenizers import ByteTokenizer, load_tokenizer
+from torchtitan_like.models.llama3 import get_flavor
 
 DOCUMENTS = [f"Document number {index}: naïve prose, repeated {'la ' * index}." for index in range(40)]
 
@@ -80,11 +82,15 @@ def test_uint32_is_chosen_when_the_vocabulary_exceeds_uint16(tmp_path):
 def test_tokenized_loader_gives_the_same_batches_as_the_in_memory_builtin_path(tmp_path):
     assert main(["--input", "builtin", "--output", str(tmp_path / "out"), "--shard-tokens", "300000"]) == 0
     tokenizer = ByteTokenizer()
+    model_args = get_flavor("debugmodel")
+    model_args.vocab_size = tokenizer.vocab_size
     for split in ("train", "validation"):
         in_memory = make_job_config(seq_len=128, local_batch_size=4, seed=3)
         tokenized = make_job_config(seq_len=128, local_batch_size=4, seed=3, dataset="tokenized",
                                     dataset_path=str(tmp_path / "out"))
         tokenized.validation.dataset = "tokenized"  # its path defaults to training.dataset_path
+        tokenized.validation.enable = True
+        validate_config(tokenized, model_args)  # the trainer's start-up checks accept that default
         memory_batches = itertools.islice(build_dataloader(in_memory, tokenizer, 1, 2, split), 6)
         shard_batches = itertools.islice(build_dataloader(tokenized, tokenizer, 1, 2, split), 6)
         for (inputs, labels), (shard_inputs, shard_labels) in zip(memory_batches, shard_batches, strict=True):
@@ -96,6 +102,18 @@ def test_bad_input_exits_with_code_2_and_names_the_path(tmp_path, capsys):
     assert main(["--input", str(missing), "--output", str(tmp_path / "out")]) == 2
     assert f"error: corpus path {missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metadata.json").exists()
+
+
+def test_a_failed_run_leaves_the_dataset_already_in_output_intact(tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(["--input", str(write_corpus(tmp_path / "corpus")), "--output", str(output), "--text-field", "body"]) == 0
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    assert main(["--input", str(tmp_path / "typo"), "--output", str(output)]) == 2  # a wrong path
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n', encoding="utf-8")
+    assert main(["--input", str(bad), "--output", str(output)]) == 2  # bad data, found mid-way
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert not (tmp_path / "out.partial").exists()
 
 
 def test_shard_bytes_are_little_endian_arrays_of_the_metadata_dtype(tmp_path):

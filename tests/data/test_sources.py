@@ -25,6 +25,24 @@ def test_jsonl_reads_the_text_field_and_skips_blank_lines(tmp_path):
     assert list(iter_documents(str(path), text_field="body")) == ["one", "two"]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    # JSON allows U+2028, U+2029 and U+0085 raw inside strings (json.dumps(ensure_ascii=False) writes
+    # them); only "\n" ends a record.
+    texts = ["one\u2028line", "two\u2029paragraphs\u0085next", "form\x0cfeed"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts), encoding="utf-8")
+    assert list(iter_documents(str(path))) == texts
+
+
+def test_torchtitan_c4_test_folder_of_json_lines_loads(tmp_path):
+    # TorchTitan's c4_test folder holds data.json in JSON lines; suffixes match in any case.
+    folder = tmp_path / "c4_test"
+    folder.mkdir()
+    write_jsonl(folder / "data.json", [{"text": "first"}, {"text": "second"}])
+    write_jsonl(folder / "MORE.JSONL", [{"text": "third"}])
+    assert list(iter_documents(str(folder))) == ["third", "first", "second"]
+
+
 def test_parquet_reads_the_text_field(tmp_path):
     pyarrow = pytest.importorskip("pyarrow")
     import pyarrow.parquet as parquet

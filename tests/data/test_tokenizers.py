@@ -41,6 +41,11 @@ def test_hf_tokenizer_round_trips_and_finds_bos_eos_by_common_names(hf_tokenizer
     assert len(tokenizer.encode(SENTENCES[0], bos=False, eos=False)) < len(SENTENCES[0]) - 10
     documents = tokenizer.encode_documents(SENTENCES[:2]).tolist()
     assert documents == sum((tokenizer.encode(s, bos=True, eos=True) for s in SENTENCES[:2]), [])
+    # Special-token text in a document is ordinary text, never the control ids (in batches too).
+    text = "markup: <s>bold</s> end"
+    for ids in (tokenizer.encode(text, bos=False, eos=False), tokenizer.encode_batch_ordinary([text])[0]):
+        assert tokenizer.bos_id not in ids and tokenizer.eos_id not in ids
+        assert tokenizer.decode(ids) == text
 
 
 def test_hf_tokenizer_config_names_bos_and_eos(hf_tokenizer_file, tmp_path):
@@ -78,6 +83,8 @@ def test_tiktoken_round_trips_and_places_llama3_specials_after_ranks(tiktoken_fi
     assert tokenizer.decode(tokenizer.encode(TEXT, bos=False, eos=False)) == TEXT
     # Special-token text in a document is ordinary text, never the control id.
     assert tokenizer.bos_id not in tokenizer.encode("<|begin_of_text|>", bos=False, eos=False)
+    # Decoding drops the control tokens, as the other tokenizers do (generation stops on EOS).
+    assert tokenizer.decode(tokenizer.encode("the end", bos=True, eos=True)) == "the end"
 
 
 def test_tiktoken_malformed_line_names_file_and_line(tmp_path):

@@ -76,7 +76,7 @@ class Training:
                                      "tokenized (shards from prepare-data), huggingface (datasets package).",
                           choices=("builtin", "local", "tokenized", "huggingface"))
     dataset_path: str = option("", "File, folder or glob of the corpus (local/tokenized) or dataset name (huggingface).")
-    dataset_text_field: str = option("text", "Field holding the text in .jsonl/.parquet/HF records.")
+    dataset_text_field: str = option("text", "Field holding the text in .jsonl/.json/.parquet/HF records.")
     local_batch_size: int = option(8, "Samples per data-parallel rank per optimizer step.", ge=1)
     global_batch_size: int = option(-1, "Samples per optimizer step across all DP ranks; -1 = local x DP. "
                                         "Larger values use gradient accumulation.", ge=-1)

@@ -46,7 +46,10 @@ def validate_config(config, model_args) -> None:
     if training.dataset in ("local", "tokenized", "huggingface") and not training.dataset_path:
         raise ConfigError(f"training.dataset = {training.dataset!r} needs training.dataset_path "
                           f"(a file, folder or glob{', or a dataset name' if training.dataset == 'huggingface' else ''})")
-    if config.validation.enable and config.validation.dataset != "builtin" and not config.validation.dataset_path:
+    # A prepare-data folder holds its own validation split: tokenized validation may default to it.
+    validation_defaults_to_training = config.validation.dataset == training.dataset == "tokenized"
+    if (config.validation.enable and config.validation.dataset != "builtin" and not config.validation.dataset_path
+            and not validation_defaults_to_training):
         raise ConfigError(f"validation.dataset = {config.validation.dataset!r} needs validation.dataset_path")
     option = config.activation_checkpoint.selective_ac_option
     if config.activation_checkpoint.mode == "selective" and option != "op" and not (option.isdigit() and int(option) > 0):

@@ -34,6 +34,11 @@ class HFTokenizer(Tokenizer):
             self._tokenizer = RustTokenizer.from_file(path)
         except Exception as error:  # the Rust side raises a bare Exception with its parse message
             raise DataError(f"{path} is not a readable Hugging Face tokenizer.json: {error}") from error
+        # Special-token text inside a document ("</s>", "<|end_of_text|>") is plain text, as
+        # encode_ordinary promises: add_special_tokens=False alone still matches added tokens.
+        if not hasattr(self._tokenizer, "encode_special_tokens"):
+            raise DataError(f"reading {path} needs tokenizers >= 0.15 (encode_special_tokens): pip install -U tokenizers")
+        self._tokenizer.encode_special_tokens = True
         self._vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         config = _read_tokenizer_config(Path(path).with_name("tokenizer_config.json"))
         self._bos_id = self._special_id("bos", config.get("bos_token"), COMMON_BOS_TOKENS)

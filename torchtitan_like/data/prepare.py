@@ -7,12 +7,14 @@ Then train with `training.dataset = "tokenized"`, `training.dataset_path = "data
 same for `[validation]`). `--input builtin` tokenizes the shipped corpus with its own train/validation
 split. Documents keep their corpus order; with `--validation-fraction F` an evenly spread fraction F
 of them (document i when floor((i+1)F) > floor(iF)) goes to the validation split instead of train.
-The metadata is written last, so an interrupted run leaves a folder that loading rejects.
+Shards and metadata are written to `<output>.partial` and moved into `<output>` only once complete,
+so a mistake in --input, bad data or an interruption never touches a dataset already there.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,17 +30,18 @@ from torchtitan_like.errors import USER_ERROR_EXIT_CODE, DataError, UserError
 BUILTIN_INPUT = "builtin"
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOCUMENTS_PER_BATCH = 256
+STAGING_SUFFIX = ".partial"  # `<output>.partial`: where a run writes before its result replaces `<output>`
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m torchtitan_like.data.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True,
-                        help='corpus file, folder or glob (.txt/.jsonl/.parquet), or "builtin"')
+                        help='corpus file, folder or glob (.txt/.jsonl/.json/.parquet), or "builtin"')
     parser.add_argument("--output", required=True, help="folder for metadata.json and the .bin shards")
     parser.add_argument("--tokenizer", default="auto", choices=TOKENIZER_KINDS, help="tokenizer kind (default auto)")
     parser.add_argument("--tokenizer-path", default="", help="tokenizer.json / tokenizer.model or their folder; "
                                                              "empty = built-in byte tokenizer")
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet records")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.json/.parquet records")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
     parser.add_argument("--validation-fraction", type=float, default=0.0,
                         help="fraction of documents held out as the validation split (0 = none)")
@@ -93,14 +96,36 @@ class Progress:
 
 
 def prepare(args: argparse.Namespace) -> ShardMetadata:
+    """Tokenize into a staging folder beside `--output` and move the result in only when it is
+    complete: a wrong --input, bad data or an interrupted run leaves a dataset already there intact."""
     tokenizer: Tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path)
     output = Path(args.output)
+    staging = output.with_name(output.name + STAGING_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run that did not finish
+    staging.mkdir(parents=True)
+    try:
+        metadata = _tokenize_into(staging, args, tokenizer)
+        _replace_dataset(output, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metadata
+
+
+def _replace_dataset(output: Path, staging: Path) -> None:
+    """Swap a finished dataset in: the old metadata goes first and the new comes last, so a crash
+    in between leaves a folder that loading rejects rather than a mix of old and new shards."""
     output.mkdir(parents=True, exist_ok=True)
     (output / METADATA_FILE).unlink(missing_ok=True)
     for stale in list(output.glob("train_*.bin")) + list(output.glob("validation_*.bin")):
         stale.unlink()
+    for shard in sorted(staging.glob("*.bin")):
+        shard.replace(output / shard.name)
+    (staging / METADATA_FILE).replace(output / METADATA_FILE)
+
+
+def _tokenize_into(folder: Path, args: argparse.Namespace, tokenizer: Tokenizer) -> ShardMetadata:
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: ShardWriter(output, split, dtype, args.shard_tokens) for split in ("train", "validation")}
+    writers = {split: ShardWriter(folder, split, dtype, args.shard_tokens) for split in ("train", "validation")}
     batches: dict[str, list[str]] = {"train": [], "validation": []}
     progress = Progress()
 
@@ -126,7 +151,7 @@ def prepare(args: argparse.Namespace) -> ShardMetadata:
     metadata = ShardMetadata(dtype=dtype.name, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
                              eos_id=tokenizer.eos_id, tokenizer_kind=tokenizer.kind, tokenizer_path=tokenizer.path,
                              source=args.input, text_field=args.text_field, splits=splits)
-    metadata.save(output)
+    metadata.save(folder)
     return metadata
 
 

@@ -20,7 +20,8 @@ from typing import Iterator
 
 from torchtitan_like.errors import DataError, did_you_mean
 
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# .json is read as JSON lines (one object per line), as TorchTitan's c4_test folder holds it
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _GLOB_CHARACTERS = "*?["
 PARQUET_BATCH_ROWS = 4096
 HF_BATCH_ROWS = 1024
@@ -30,12 +31,12 @@ def resolve_corpus_files(path_spec: str) -> list[Path]:
     """The corpus files a path, folder or glob names, sorted; DataError when there are none."""
     if not path_spec:
         raise DataError("no corpus path given: set training.dataset_path (or validation.dataset_path) "
-                        "to a file, folder or glob of .txt/.jsonl/.parquet files")
+                        "to a file, folder or glob of .txt/.jsonl/.json/.parquet files")
     if any(character in path_spec for character in _GLOB_CHARACTERS):
         matches = sorted(Path(match) for match in glob.glob(path_spec, recursive=True) if Path(match).is_file())
         if not matches:
             raise DataError(f"the glob {path_spec} matches no files")
-        unsupported = [str(match) for match in matches if match.suffix not in SUPPORTED_SUFFIXES]
+        unsupported = [str(match) for match in matches if _suffix(match) not in SUPPORTED_SUFFIXES]
         if unsupported:
             raise DataError(f"the glob {path_spec} matches files of unsupported type, e.g. {unsupported[0]}; "
                             f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
@@ -44,12 +45,12 @@ def resolve_corpus_files(path_spec: str) -> list[Path]:
     if not path.exists():
         raise DataError(f"corpus path {path} does not exist")
     if path.is_file():
-        if path.suffix not in SUPPORTED_SUFFIXES:
+        if _suffix(path) not in SUPPORTED_SUFFIXES:
             raise DataError(f"corpus file {path} has unsupported type {path.suffix or '(none)'}; "
                             f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
         return [path]
     files = sorted(file for file in path.rglob("*")
-                   if file.is_file() and file.suffix in SUPPORTED_SUFFIXES and not file.name.startswith("."))
+                   if file.is_file() and _suffix(file) in SUPPORTED_SUFFIXES and not file.name.startswith("."))
     if not files:
         raise DataError(f"corpus folder {path} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
     return files
@@ -61,11 +62,15 @@ def iter_documents(path_spec: str, text_field: str = "text") -> Iterator[str]:
         yield from iter_file_documents(file, text_field)
 
 
+def _suffix(file: Path) -> str:
+    return file.suffix.lower()  # DATA.JSONL is JSON lines too
+
+
 def iter_file_documents(file: Path, text_field: str = "text") -> Iterator[str]:
-    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
-    if file.suffix not in readers:
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet}
+    if _suffix(file) not in readers:
         raise DataError(f"corpus file {file} has unsupported type; supported: {', '.join(SUPPORTED_SUFFIXES)}")
-    for document in readers[file.suffix](file, text_field):
+    for document in readers[_suffix(file)](file, text_field):
         if document:
             yield document
 
@@ -88,7 +93,9 @@ def _read_txt(file: Path, text_field: str) -> Iterator[str]:
 
 def _read_jsonl(file: Path, text_field: str) -> Iterator[str]:
     try:
-        lines = _read_bytes(file).decode("utf-8").splitlines()
+        # Split on "\n" only: JSON strings may hold U+2028, U+0085 and the like raw, which
+        # str.splitlines() would also cut at.
+        lines = _read_bytes(file).decode("utf-8").split("\n")
     except UnicodeDecodeError as error:
         raise DataError(f"{file} is not UTF-8 text: undecodable byte at byte offset {error.start}") from None
     for line_number, line in enumerate(lines, start=1):

@@ -96,7 +96,10 @@ class TiktokenTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._encoding.decode([int(i) for i in ids])
+        """Text of the ordinary tokens; special tokens (BOS, EOS, ...) are dropped, as the other
+        tokenizers do."""
+        first_special = min(self.special_tokens.values())
+        return self._encoding.decode([int(i) for i in ids if int(i) < first_special])
 
 
 def _safe_pieces(text: str) -> Iterator[str]:
