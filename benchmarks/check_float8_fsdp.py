@@ -5,7 +5,7 @@
 
 Builds a SwiGLU-shaped pair of Float8Linear layers (tensorwise) twice, on the meta device as the
 trainer does, shards both with `fully_shard` (bf16 parameters on CUDA through the mixed-precision
-policy, fp32 on CPU), and runs forward + backward on the same batch: once with the weights
+policy, fp32 on CPU; `--param-dtype` overrides, so CPU checks the bf16 path too), and runs forward + backward on the same batch: once with the weights
 all-gathered in the param dtype, once in fp8 (`kernels/float8/fsdp.py`). The fp8 operands are the
 same bits either way, so outputs and gradients must be bitwise equal. Prints one table row and exits
 1 on a mismatch. One process works too (a world of one still goes through FSDP2's all-gather hooks),
@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 
-def build(dim: int, hidden: int, all_gather: bool, device: torch.device, mesh, compile_model: bool) -> nn.Module:
+def build(dim: int, hidden: int, all_gather: bool, device: torch.device, mesh, compile_model: bool,
+          dtype: torch.dtype) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from torchtitan_like.distributed.tensors import assign_full_value
@@ -41,7 +42,6 @@ def build(dim: int, hidden: int, all_gather: bool, device: torch.device, mesh, c
             enable_float8_all_gather(layer)
     if compile_model:  # the pair is one FSDP unit compiled as a whole, like the trainer's blocks
         model.compile(fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
     model.to_empty(device=device)
     generator = torch.Generator().manual_seed(0)
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=14336)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--compile", action="store_true", help="compile the pair (inductor on CUDA)")
+    parser.add_argument("--param-dtype", choices=("bfloat16", "float32"), default=None,
+                        help="FSDP's mixed-precision param dtype (default: bfloat16 on CUDA, float32 on CPU)")
     args = parser.parse_args(argv)
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -79,19 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mesh = init_device_mesh(device.type, (world_size,))
         generator = torch.Generator().manual_seed(1 + rank)
-        dtype = torch.bfloat16 if on_cuda else torch.float32
+        dtype = getattr(torch, args.param_dtype) if args.param_dtype else (torch.bfloat16 if on_cuda else torch.float32)
         x = torch.randn(args.tokens, args.dim, generator=generator).to(device, dtype)
         grad_output = torch.randn(args.tokens, args.dim, generator=generator).to(device, dtype)
-        results = [forward_backward(build(args.dim, args.hidden, all_gather, device, mesh, args.compile),
+        results = [forward_backward(build(args.dim, args.hidden, all_gather, device, mesh, args.compile, dtype),
                                     x, grad_output) for all_gather in (False, True)]
         names = ("y", "dx", "dW1", "dW2")
         equal = [torch.equal(a, b) for a, b in zip(*results)]
         nonzero = all(t.abs().sum() > 0 for t in results[1])
         if rank == 0:
-            print("| device | world | shape | compile | bitwise equal (y, dx, dW1, dW2) | gradients non-zero |")
-            print("|---|---|---|---|---|---|")
+            print("| device | world | shape | param dtype | compile | bitwise equal (y, dx, dW1, dW2) | "
+                  "gradients non-zero |")
+            print("|---|---|---|---|---|---|---|")
             print(f"| {torch.cuda.get_device_name(device) if on_cuda else 'cpu'} | {world_size} | "
-                  f"{args.tokens}x{args.dim}->{args.hidden}->{args.dim} | {args.compile} | "
+                  f"{args.tokens}x{args.dim}->{args.hidden}->{args.dim} | {str(dtype).removeprefix('torch.')} | "
+                  f"{args.compile} | "
                   f"{', '.join(f'{n}={e}' for n, e in zip(names, equal))} | {nonzero} |")
         return 0 if all(equal) and nonzero else 1
     finally:

@@ -13,6 +13,7 @@ multi-GPU plan (numbers are per device; rank 0 prints).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -45,11 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(trainer.train_step(iterator)[0])
         trainer.step = step
     sync()
+    # As the trainer's loop (and TorchTitan's) runs: no garbage collection inside the timed steps,
+    # and the peak memory of these steps, not of compilation and autotuning during warm-up.
+    gc.collect()
+    gc.disable()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for step in range(args.warmup + 1, args.steps + 1):
         losses.append(trainer.train_step(iterator)[0])
         trainer.step = step
     sync()
+    gc.enable()
     timed_steps = args.steps - args.warmup
     step_seconds = (time.perf_counter() - start) / max(timed_steps, 1)
     losses = [loss.item() for loss in losses]

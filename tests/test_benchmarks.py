@@ -85,8 +85,10 @@ def test_attention_benchmark_checks_each_cpu_kernel_against_the_fp32_reference(t
     assert rows["flash"]["total_ms"] > 0
 
 
-def test_float8_fsdp_device_check_passes_on_one_cpu_process():
+@pytest.mark.parametrize("extra", [["--compile"], ["--param-dtype", "bfloat16"]])
+def test_float8_fsdp_device_check_passes_on_one_cpu_process(extra):
+    # bfloat16: the GPU's mixed-precision path, where the fp8 all-gather must cast the bf16 values
     result = run_script("benchmarks/check_float8_fsdp.py", "--dim", "64", "--hidden", "128", "--tokens", "32",
-                        "--compile", timeout=300)
+                        *extra, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "y=True, dx=True, dW1=True, dW2=True | True |" in result.stdout

@@ -272,7 +272,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # read before the scheduler moves on to the next step's
         self.optimizer.step()
         if self.config.float8.precompute_float8_dynamic_scale_for_fsdp:
-            precompute_float8_scales(self.model_parts)
+            precompute_float8_scales(self.model_parts, self.param_dtype)
         self.lr_scheduler.step()
         return loss, grad_norm, data_seconds, lr
 

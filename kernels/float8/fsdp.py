@@ -9,9 +9,9 @@ element instead of 2 (bf16) or 4 (fp32), and the gathered weight is already the 
     W_shard_fp8 = cast_rne(clamp(W_shard * scale))                    (quantize.py's rounding)
     all_gather(W_shard_fp8 as uint8) -> W_fp8 (N, K); scale travels as metadata
 
-Every element is cast with the scale of the full weight, so W_fp8 holds exactly the bits that
-Float8Linear would produce by casting the gathered high-precision weight: losses and gradients do
-not change. The bytes travel as uint8 (gloo has no float8 collectives; NCCL moves the same bytes).
+Every element is cast with the scale of the full weight, from the shard in FSDP's mixed-precision
+param dtype (bf16 on GPUs), so W_fp8 holds exactly the bits that Float8Linear would produce by
+casting the gathered weight: losses and gradients do not change. The bytes travel as uint8 (gloo has no float8 collectives; NCCL moves the same bytes).
 
 Two tensor subclasses implement FSDP2's all-gather extension (torch/distributed/fsdp/_fully_shard/
 _fsdp_param.py):
@@ -123,11 +123,17 @@ class Float8AllGatherWeight(torch.Tensor):
         self._precomputed_scale = None
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        """(fp8 shard as uint8,), (scale,): the all-gather input and the metadata post_all_gather gets."""
+        """(fp8 shard as uint8,), (scale,): the all-gather input and the metadata post_all_gather gets.
+
+        The shard is first cast to the mixed-precision param dtype, as FSDP2 would gather it without
+        this extension: Float8Linear would then take the amax of, and cast, those bf16 values, and
+        the fp8 bits must be the same (casting the fp32 master values directly rounds once where
+        the bf16 path rounds twice, and can pick another scale)."""
+        data = _in_compute_dtype(self._data, getattr(mp_policy, "param_dtype", None))
         scale = self._precomputed_scale
         if scale is None:
-            scale = q.amax_to_scale_reference(_all_reduce_max(_local_amax(self._data), mesh.get_group()), q.E4M3)
-        shard = _pad_rows(self._data, math.ceil(outer_size[0] / mesh.size()))
+            scale = q.amax_to_scale_reference(_all_reduce_max(_local_amax(data), mesh.get_group()), q.E4M3)
+        shard = _pad_rows(data, math.ceil(outer_size[0] / mesh.size()))
         return (cast_to_e4m3(shard, scale, _uses_kernels(module, shard.device)).view(torch.uint8),), (scale,)
 
     @torch.no_grad()
@@ -280,9 +286,15 @@ def _batched_amax(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def precompute_float8_scales(modules: Iterable[nn.Module]) -> int:
+def _in_compute_dtype(data: torch.Tensor, param_dtype: torch.dtype | None) -> torch.Tensor:
+    return data if param_dtype is None or param_dtype == data.dtype else data.to(param_dtype)
+
+
+def precompute_float8_scales(modules: Iterable[nn.Module], param_dtype: torch.dtype | None = None) -> int:
     """Compute the all-gather scale of every float8-all-gathered weight in `modules` with one amax
     pass and one all-reduce(MAX) per shard group (one with FSDP or HSDP); returns how many.
+    `param_dtype`: FSDP's mixed-precision param dtype, whose values the all-gather casts; the amax
+    of the master values rounded to it is the amax of the rounded values (rounding is monotonic).
 
     Call after the optimizer step, on every rank of the shard group (they hold the same modules).
     """
@@ -291,6 +303,8 @@ def precompute_float8_scales(modules: Iterable[nn.Module]) -> int:
         by_group.setdefault(group, []).append(shard)
     for group, shards in by_group.items():
         amaxes = _batched_amax([shard._data for shard in shards])
+        if param_dtype is not None and param_dtype != amaxes.dtype:
+            amaxes = amaxes.to(param_dtype).float()
         scales = q.amax_to_scale_reference(_all_reduce_max(amaxes, group), q.E4M3)
         for shard, scale in zip(shards, scales.unbind()):
             shard.set_precomputed_scale(scale)
