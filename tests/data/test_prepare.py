@@ -116,6 +116,22 @@ def test_a_failed_run_leaves_the_dataset_already_in_output_intact(tmp_path, caps
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_metadata_of_another_format_version_and_fraction_with_builtin_are_refused(tmp_path, capsys):
+    import pytest
+
+    from torchtitan_like.errors import DataError
+
+    assert main(["--input", "builtin", "--output", str(tmp_path / "out"), "--shard-tokens", "300000"]) == 0
+    metadata_path = tmp_path / "out" / "metadata.json"
+    raw = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**raw, "format_version": raw["format_version"] + 1}))
+    with pytest.raises(DataError, match="format_version 2, but this version reads 1"):
+        ShardMetadata.load(tmp_path / "out")
+    with pytest.raises(SystemExit):  # builtin has its own split: the fraction would be ignored
+        main(["--input", "builtin", "--output", str(tmp_path / "other"), "--validation-fraction", "0.1"])
+    assert "does not apply to --input builtin" in capsys.readouterr().err
+
+
 def test_shard_bytes_are_little_endian_arrays_of_the_metadata_dtype(tmp_path):
     (tmp_path / "doc.txt").write_text("hi")
     main(["--input", str(tmp_path / "doc.txt"), "--output", str(tmp_path / "out")])

@@ -50,6 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--shard-tokens must be at least 1")
     if not 0.0 <= args.validation_fraction < 1.0:
         parser.error("--validation-fraction must be in [0, 1)")
+    if args.input == BUILTIN_INPUT and args.validation_fraction:
+        parser.error("--validation-fraction does not apply to --input builtin: the built-in corpus has its own "
+                     "validation split (every 10th document)")
     return args
 
 

@@ -72,6 +72,9 @@ class ShardMetadata:
             metadata = cls(**raw, splits=splits)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
             raise DataError(f"{path} is not valid prepare-data metadata: {error!r}") from None
+        if metadata.format_version != FORMAT_VERSION:
+            raise DataError(f"{path}: format_version {metadata.format_version}, but this version reads "
+                            f"{FORMAT_VERSION}; re-run prepare-data on the corpus")
         if metadata.dtype not in SUPPORTED_DTYPES:
             raise DataError(f'{path}: dtype "{metadata.dtype}" is not one of {", ".join(SUPPORTED_DTYPES)}')
         return metadata
