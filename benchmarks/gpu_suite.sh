@@ -4,8 +4,10 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_flash attention profile_bf16 profile_fp8 check_fp8_fsdp float8
-# rmsnorm train_bf16_triton_norm),
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_flash float8 rmsnorm check_fp8_fsdp attention
+# train_fp8_triton_norm train_bf16_triton_norm),
+# SUITE_CONFIG (the training config; default train_configs/llama3_8b_8layers_bench.toml; a dry run
+# on CPU: SUITE_CONFIG=train_configs/debug_model.toml, the GPU-only benchmarks exit at once),
 # SUITE_STEPS (18, at least 8: 6 warm-up steps + 2 timed),
 # SUITE_BUDGET_S (seconds for the whole suite; sections shrink to fit; under the anchor, the limit it
 # gives this command, read from its log line in $OUT/ours.log, caps it too).
@@ -81,28 +83,27 @@ section() {  # section NAME LIMIT_SECONDS CMD...: skipped when less than half it
 python3 -c 'import torch, triton; print("[suite] torch", torch.__version__, "triton", triton.__version__,
   "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")'
 
-BENCH=(python3 benchmarks/throughput.py --config train_configs/llama3_8b_8layers_bench.toml --steps "$STEPS" --warmup 6)
-PROFILE=(python3 benchmarks/profile_step.py --config train_configs/llama3_8b_8layers_bench.toml --warmup 6 --steps 3)
+CONFIG=${SUITE_CONFIG:-train_configs/llama3_8b_8layers_bench.toml}
+BENCH=(python3 benchmarks/throughput.py --config "$CONFIG" --steps "$STEPS" --warmup 6)
 # Most informative first: a short lease that runs out still brings back the headline numbers.
-section train_bf16 130 "${BENCH[@]}" --label "bf16 torch-rmsnorm" --json "$LOGS/train_bf16.json"
-# auto = cuDNN attention first on sm90, never run in our compiled model before this suite: if the
-# bf16 run failed, the Float8 run uses the flash kernel rather than fail the same way.
+# The two headline runs also profile 3 more steps (kernel time by kind), in the same process.
+section train_bf16 150 "${BENCH[@]}" --label "bf16" --json "$LOGS/train_bf16.json" --profile-steps 3
+# auto = cuDNN attention first on sm90: if the bf16 run failed, the Float8 run uses the flash
+# kernel rather than fail the same way.
 ATTENTION=()
 (( LAST_RC != 0 )) && ATTENTION=(--model.sdpa_backend flash) && echo "[suite] train_bf16 failed: train_fp8 uses flash"
-section train_fp8 130 "${BENCH[@]}" --label "float8 tensorwise triton-rmsnorm ${ATTENTION[*]}" \
-  --json "$LOGS/train_fp8.json" --model.norm_type triton_rmsnorm --float8.enable --float8.recipe_name tensorwise \
-  "${ATTENTION[@]}"
+section train_fp8 150 "${BENCH[@]}" --label "float8 tensorwise ${ATTENTION[*]}" --json "$LOGS/train_fp8.json" \
+  --profile-steps 3 --float8.enable --float8.recipe_name tensorwise "${ATTENTION[@]}"
 # model.sdpa_backend = auto prefers cuDNN attention on sm90: the same run with the flash kernel.
-section train_bf16_flash 130 "${BENCH[@]}" --label "bf16 torch-rmsnorm flash-attention" \
+section train_bf16_flash 130 "${BENCH[@]}" --label "bf16 flash-attention" \
   --json "$LOGS/train_bf16_flash.json" --model.sdpa_backend flash
-section attention 60 python3 benchmarks/bench_attention.py --json "$LOGS/attention.json"
-section profile_bf16 120 "${PROFILE[@]}" --label "bf16 torch-rmsnorm, kernel time by kind" \
-  --json "$LOGS/profile_bf16.json"
-section profile_fp8 120 "${PROFILE[@]}" --label "float8 tensorwise, kernel time by kind" \
-  --json "$LOGS/profile_fp8.json" --model.norm_type triton_rmsnorm --float8.enable --float8.recipe_name tensorwise
-section check_fp8_fsdp 90 python3 benchmarks/check_float8_fsdp.py
 section float8 110 python3 benchmarks/bench_float8.py --quick --sections gemm,sweep --json "$LOGS/float8.json"
-section rmsnorm 110 python3 benchmarks/bench_rmsnorm.py --sweep --json "$LOGS/rmsnorm.json"
+section rmsnorm 110 python3 benchmarks/bench_rmsnorm.py --json "$LOGS/rmsnorm.json"
+section check_fp8_fsdp 90 python3 benchmarks/check_float8_fsdp.py
+section attention 60 python3 benchmarks/bench_attention.py --json "$LOGS/attention.json"
+section train_fp8_triton_norm 130 "${BENCH[@]}" --label "float8 tensorwise triton-rmsnorm ${ATTENTION[*]}" \
+  --json "$LOGS/train_fp8_triton_norm.json" --model.norm_type triton_rmsnorm --float8.enable \
+  --float8.recipe_name tensorwise "${ATTENTION[@]}"
 section train_bf16_triton_norm 130 "${BENCH[@]}" --label "bf16 triton-rmsnorm (fused residual add)" \
   --json "$LOGS/train_bf16_triton_norm.json" --model.norm_type triton_rmsnorm
 

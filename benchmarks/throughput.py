@@ -1,13 +1,15 @@
 """Training throughput of a named config: tokens/s per device, MFU and peak memory.
 
     python benchmarks/throughput.py --config train_configs/llama3_8b_8layers_bench.toml \
-        [--steps 30] [--warmup 10] [--json out.json] [--section.key value ...]
+        [--steps 30] [--warmup 10] [--json out.json] [--profile-steps 3] [--section.key value ...]
 
 Builds the real `Trainer` from the config (plus overrides), runs `--warmup` untimed steps (compile,
 allocator warm-up), then times the remaining optimizer steps as one window (device synchronized at
 its two ends only, losses read back after it, as in a real run where the host runs ahead of the
 GPU). Prints a one-row markdown table. Run it on one process, or under torchrun for a
-multi-GPU plan (numbers are per device; rank 0 prints).
+multi-GPU plan (numbers are per device; rank 0 prints). `--profile-steps N` then records N more
+steps under `torch.profiler` and prints where their kernel time went (`profile_step.py`'s tables),
+without compiling the model a second time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before measuring")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--label", default="torchtitan_like")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after the timed window, profile this many more steps (0: none)")
     args, overrides = parser.parse_known_args(argv)
 
     from torchtitan_like.config import load_config
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan_like.trainer import Trainer
 
     init_logger()
-    config, _ = load_config(["--config", args.config, "--training.steps", str(args.steps), *overrides])
+    total_steps = args.steps + max(args.profile_steps, 0)
+    config, _ = load_config(["--config", args.config, "--training.steps", str(total_steps), *overrides])
     trainer = Trainer(config)
     device = trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -77,11 +82,41 @@ def main(argv: list[str] | None = None) -> int:
         memory_text = f"{memory_gib:.1f}" if memory_gib is not None else "n/a"
         print(f"| {args.label} | {result['device']} | {tokens_per_second:,.0f} | {mfu_text} | {memory_text} | "
               f"{step_seconds:.4f} | {losses[0]:.3f}->{losses[-1]:.3f} |")
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump(result, handle, indent=1)
+    if args.profile_steps > 0:
+        result["profile"] = _profile(trainer, iterator, args.steps, args.profile_steps, sync)
+        if trainer.rank == 0:
+            print()
+            import profile_step
+
+            profile_step.print_tables(result["profile"], f"{args.label}, kernel time by kind")
+    if trainer.rank == 0 and args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
     trainer.close()
     return 0
+
+
+def _profile(trainer, iterator, done_steps: int, steps: int, sync) -> dict:
+    """Record `steps` more optimizer steps under torch.profiler; `profile_step.summarize` of them."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import profile_step
+
+    on_cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for step in range(done_steps + 1, done_steps + steps + 1):
+            trainer.train_step(iterator)
+            trainer.step = step
+        sync()
+        step_ms = (time.perf_counter() - start) * 1000.0 / steps
+    summary = profile_step.summarize(profile_step.kernel_times_us(profiler, on_cuda), steps, step_ms, top=15)
+    summary["profiled_steps"] = steps
+    return summary
 
 
 def _device_name(device: torch.device) -> str:

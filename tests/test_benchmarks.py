@@ -23,12 +23,18 @@ def run_on_debug_model(script, tmp_path, json_path, *args):
 
 def test_throughput_benchmark_trains_the_debug_model_and_reports(tmp_path):
     out = tmp_path / "throughput.json"
-    result = run_on_debug_model("benchmarks/throughput.py", tmp_path, out, "--steps", "4", "--warmup", "2")
+    result = run_on_debug_model("benchmarks/throughput.py", tmp_path, out, "--steps", "4", "--warmup", "2",
+                                "--profile-steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| torchtitan_like | cpu |" in result.stdout
     record = json.loads(out.read_text())
     assert record["timed_steps"] == 2 and record["tokens_per_second"] > 0 and record["mfu_pct"] is None
     assert record["last_loss"] < record["first_loss"]
+    # --profile-steps: one more step profiled in the same process, its CPU ops grouped by kind
+    profile = record["profile"]
+    assert profile["profiled_steps"] == 1 and profile["kernel_ms"] > 0
+    assert "matmul" in {row["kind"] for row in profile["kinds"]}
+    assert "torchtitan_like, kernel time by kind" in result.stdout
 
 
 @pytest.mark.parametrize("script", ["benchmarks/bench_rmsnorm.py", "benchmarks/bench_float8.py"])
