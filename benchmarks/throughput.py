@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="torchtitan_like")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after the timed window, profile this many more steps (0: none)")
+    parser.add_argument("--profile-top", type=int, default=15, help="kernels listed by total time in the profile")
     args, overrides = parser.parse_known_args(argv)
 
     from torchtitan_like.config import load_config
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {args.label} | {result['device']} | {tokens_per_second:,.0f} | {mfu_text} | {memory_text} | "
               f"{step_seconds:.4f} | {losses[0]:.3f}->{losses[-1]:.3f} |")
     if args.profile_steps > 0:
-        result["profile"] = _profile(trainer, iterator, args.steps, args.profile_steps, sync)
+        result["profile"] = _profile(trainer, iterator, args.steps, args.profile_steps, sync, args.profile_top)
         if trainer.rank == 0:
             print()
             import profile_step
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _profile(trainer, iterator, done_steps: int, steps: int, sync) -> dict:
+def _profile(trainer, iterator, done_steps: int, steps: int, sync, top: int) -> dict:
     """Record `steps` more optimizer steps under torch.profiler; `profile_step.summarize` of them."""
     import os
 
@@ -114,7 +115,7 @@ def _profile(trainer, iterator, done_steps: int, steps: int, sync) -> dict:
             trainer.step = step
         sync()
         step_ms = (time.perf_counter() - start) * 1000.0 / steps
-    summary = profile_step.summarize(profile_step.kernel_times_us(profiler, on_cuda), steps, step_ms, top=15)
+    summary = profile_step.summarize(profile_step.kernel_times_us(profiler, on_cuda), steps, step_ms, top=top)
     summary["profiled_steps"] = steps
     return summary
 

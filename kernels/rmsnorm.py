@@ -33,6 +33,7 @@ interpreter (TRITON_INTERPRET=1 when this module is imported); `TritonRMSNorm` o
 """
 
 import contextlib
+import dataclasses
 import functools
 import math
 import types
@@ -219,6 +220,18 @@ def _forward(x, residual, weight, eps):
     return y, summed, rstd
 
 
+try:
+    from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
+except ImportError:
+    _OUT_OF_RESOURCES = ()
+# (device, dtype, heuristic launch, residual variant) -> pipeline stages that fit in shared memory
+_stages_that_fit: dict = {}
+
+
+def _launch_backward(grid, *args, **meta):
+    _rms_norm_bwd_kernel[grid](*args, **meta)
+
+
 def _backward(dy, x, weight, rstd, dsummed):
     """Launch the backward kernel and the dw reduction; returns (dx, dw)."""
     n_cols = x.shape[-1]
@@ -228,18 +241,31 @@ def _backward(dy, x, weight, rstd, dsummed):
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
     launch = backward_launch(n_cols)
+    # A pipelined config the device's shared memory cannot hold (more stages of wider rows, a third
+    # input with the residual variant, a smaller GPU) is retried with fewer stages; what worked is
+    # remembered for this (device, dtype, width, variant).
+    fits_key = (x.device, x.dtype, launch, dsummed is not None)
+    launch = dataclasses.replace(launch, num_stages=_stages_that_fit.get(fits_key, launch.num_stages))
     n_programs, rows_per_program = backward_grid(n_rows, launch, _sm_count(x.device))
     dw_partial = _new_output((n_programs, n_cols), torch.float32, x.device)
     dw = _new_output(weight.shape, weight.dtype, weight.device)
     dy_rows, x_rows, dx_rows = _as_rows(dy, n_cols), _as_rows(x, n_cols), dx.view(-1, n_cols)
     dsummed_rows = _as_rows(dsummed, n_cols) if dsummed is not None else dy_rows
     with _on_device(x):
-        _rms_norm_bwd_kernel[(n_programs,)](
-            dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1), dsummed_rows, dx_rows, dw_partial,
-            dy_rows.stride(0), x_rows.stride(0), dsummed_rows.stride(0), dx_rows.stride(0),
-            n_rows, n_cols, rows_per_program,
-            BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, HAS_DSUMMED=dsummed is not None,
-            NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
+        while True:
+            try:
+                _launch_backward(
+                    (n_programs,), dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1), dsummed_rows, dx_rows,
+                    dw_partial, dy_rows.stride(0), x_rows.stride(0), dsummed_rows.stride(0), dx_rows.stride(0),
+                    n_rows, n_cols, rows_per_program,
+                    BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, HAS_DSUMMED=dsummed is not None,
+                    NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
+                break
+            except _OUT_OF_RESOURCES:
+                if launch.num_stages <= 1:
+                    raise
+                launch = dataclasses.replace(launch, num_stages=launch.num_stages - 1)
+                _stages_that_fit[fits_key] = launch.num_stages
         # Partials are (SMs * k, N) fp32, a few MiB at most and still in L2: 32 columns x 64 partial
         # rows per step keeps each program's loads coalesced (128 B per row) and in flight.
         _sum_partials_kernel[(triton.cdiv(n_cols, 32),)](

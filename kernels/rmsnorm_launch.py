@@ -90,7 +90,9 @@ def backward_launch(n_cols: int) -> BackwardLaunch:
       KiB shared memory): 2 programs per SM, each with 2 tiles (32 KiB) of loads in flight.
     - 8192: 1 row, 16 warps, 3 stages (103 registers, 96 KiB): 1 program per SM, 64 KiB in flight.
     - 16384: 1 row, 16 warps, 3 stages (128 registers with a few spills): 1 program per SM. On the
-      H200 (2026-11-27 sweep) 3 stages moved 3,131 GB/s in the backward against 2,828 with 2.
+      H200 (2026-11-27 sweep) 3 stages moved 3,131 GB/s in the backward against 2,828 with 2. The
+      residual variant (a third input) then needs 262,216 bytes of shared memory, over the H200's
+      232,448: `rmsnorm._backward` retries a launch the device refuses with fewer stages.
     - above 16384: 32 warps, 2 stages (shared memory).
     """
     block_n = max(16, _next_power_of_2(n_cols))

@@ -78,6 +78,31 @@ def test_profile_step_kinds_of_gpu_kernel_names(name, kind):
     assert profile_step.kind_of(name) == kind
 
 
+def test_profile_step_leaves_out_annotated_ranges_that_would_count_kernels_twice():
+    # On the GPU timeline `Optimizer.step#AdamW.step` spans the AdamW kernel: counted as a kernel,
+    # the optimizer's time was doubled in the first H200 profile.
+    sys.path.insert(0, f"{REPO_ROOT}/benchmarks")
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(f"{REPO_ROOT}/benchmarks")
+    from torch.autograd import DeviceType
+    from types import SimpleNamespace
+
+    def event(key, micros, annotation=False):
+        return SimpleNamespace(key=key, device_type=DeviceType.CUDA, self_device_time_total=micros,
+                               is_user_annotation=annotation)
+
+    events = [event("Optimizer.step#AdamW.step", 29.0), event("ProfilerStep#7", 240.0),
+              event("my_range", 5.0, annotation=True),
+              event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 28.9),
+              event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 40.6)]
+    profiler = SimpleNamespace(key_averages=lambda: events)
+    totals = profile_step.kernel_times_us(profiler, on_cuda=True)
+    assert totals == {"void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": 28.9,
+                      "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": 40.6}
+
+
 def test_attention_benchmark_checks_each_cpu_kernel_against_the_fp32_reference(tmp_path):
     out = tmp_path / "attention.json"
     result = run_script("benchmarks/bench_attention.py", "--reps", "2", "--json", str(out), timeout=120)

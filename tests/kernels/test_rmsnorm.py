@@ -103,6 +103,40 @@ def test_backward_grid_is_one_wave_of_whole_tiles_covering_every_row():
         assert (programs - 1) * rows_per_program < rows <= programs * rows_per_program
 
 
+def test_backward_retries_with_fewer_stages_when_shared_memory_is_too_small(monkeypatch):
+    # On the H200 the 3-stage backward of the residual variant at hidden 16384 asked for 262,216 bytes
+    # of shared memory (limit 232,448) and failed at launch. The interpreter has no such limit: a
+    # launcher that refuses more than one stage stands in for the small device.
+    from triton.runtime.errors import OutOfResources
+
+    real_launch, attempts = rmsnorm._launch_backward, []
+
+    def small_device(grid, *args, **meta):
+        attempts.append(meta["NUM_STAGES"])
+        if meta["NUM_STAGES"] > 1:
+            raise OutOfResources(meta["NUM_STAGES"] * 98_304, 232_448, "shared memory")
+        real_launch(grid, *args, **meta)
+
+    monkeypatch.setattr(rmsnorm, "_launch_backward", small_device)
+    monkeypatch.setattr(rmsnorm, "_stages_that_fit", {})
+    x = torch.randn(6, 100, dtype=torch.bfloat16, requires_grad=True)
+    with launch_overrides(bwd_stages=3):
+        assert_forward_backward_match_reference(x, random_weight(100, torch.bfloat16))
+        assert attempts == [3, 2, 1]
+        attempts.clear()
+        assert_forward_backward_match_reference(x.detach().clone().requires_grad_(),
+                                                random_weight(100, torch.bfloat16))
+        assert attempts == [1]  # remembered: no second failed launch
+
+    def no_device(grid, *args, **meta):
+        raise OutOfResources(10**6, 232_448, "shared memory")
+
+    monkeypatch.setattr(rmsnorm, "_launch_backward", no_device)
+    monkeypatch.setattr(rmsnorm, "_stages_that_fit", {})
+    with pytest.raises(OutOfResources):  # nothing fits: the error surfaces, not a wrong result
+        rms_norm(x, random_weight(100, torch.bfloat16), EPS).sum().backward()
+
+
 def test_launch_overrides_from_context_and_environment(monkeypatch):
     default = backward_launch(8192)
     with launch_overrides(bwd_warps=4, bwd_stages=1):
