@@ -66,6 +66,18 @@ def test_folders_are_recursive_and_sorted_globs_too(tmp_path):
     assert [path.name for path in resolve_corpus_files(str(tmp_path / "*.txt"))] == ["c.txt"]
 
 
+def test_an_existing_path_with_glob_characters_in_its_name_is_that_path(tmp_path):
+    # As a glob, "run[1]" means "run1": the folder named run[1] would not be found.
+    folder = tmp_path / "run[1]"
+    folder.mkdir()
+    write_jsonl(folder / "data.jsonl", [{"text": "kept"}])
+    (tmp_path / "run1").mkdir()
+    write_jsonl(tmp_path / "run1" / "data.jsonl", [{"text": "other"}])
+    assert list(iter_documents(str(folder))) == ["kept"]
+    assert list(iter_documents(str(folder / "data.jsonl"))) == ["kept"]
+    assert list(iter_documents(str(tmp_path / "run?" / "*.jsonl"))) == ["other"]  # still a glob
+
+
 def test_missing_path_glob_without_matches_and_empty_folder_name_the_path(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "missing.txt")):
         resolve_corpus_files(str(tmp_path / "missing.txt"))
@@ -115,6 +127,20 @@ def test_huggingface_dataset_saved_to_disk(tmp_path):
     assert list(iter_huggingface_documents(str(tmp_path / "ds"), "text", "train")) == ["first doc", "second doc"]
     with pytest.raises(DataError, match="no column"):
         list(iter_huggingface_documents(str(tmp_path / "ds"), "body", "train"))
+
+
+def test_huggingface_missing_split_and_non_text_column_are_data_errors(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a doc"], "n": [1]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match='column "n" holds .*int64.*not text'):
+        list(iter_huggingface_documents(str(tmp_path / "ds"), "n", "train"))
+    # A folder of JSON lines that datasets.load_dataset reads (offline: a packaged builder).
+    folder = tmp_path / "jsonl_folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": "from load_dataset"}])
+    assert list(iter_huggingface_documents(str(folder), "text", "train")) == ["from load_dataset"]
+    with pytest.raises(DataError, match=f'{folder} has no split "test"'):
+        list(iter_huggingface_documents(str(folder), "text", "test"))
 
 
 def test_huggingface_dataset_dict_split_feeds_the_loader(tmp_path):

@@ -32,7 +32,8 @@ def resolve_corpus_files(path_spec: str) -> list[Path]:
     if not path_spec:
         raise DataError("no corpus path given: set training.dataset_path (or validation.dataset_path) "
                         "to a file, folder or glob of .txt/.jsonl/.json/.parquet files")
-    if any(character in path_spec for character in _GLOB_CHARACTERS):
+    # An existing path is that path, even with glob characters in its name (`run[1]/data.jsonl`).
+    if not Path(path_spec).exists() and any(character in path_spec for character in _GLOB_CHARACTERS):
         matches = sorted(Path(match) for match in glob.glob(path_spec, recursive=True) if Path(match).is_file())
         if not matches:
             raise DataError(f"the glob {path_spec} matches no files")
@@ -161,10 +162,19 @@ def iter_huggingface_documents(name_or_path: str, text_field: str, split: str) -
                 raise DataError(f"{name_or_path} has no split \"{split}\"; splits: {', '.join(dataset)}")
             dataset = dataset[split]
     else:
-        dataset = datasets.load_dataset(name_or_path, split=split)
+        try:
+            dataset = datasets.load_dataset(name_or_path, split=split)
+        except ValueError as error:  # datasets: 'Unknown split "x". Should be one of [...]'
+            if "split" not in str(error).lower():
+                raise
+            raise DataError(f"{name_or_path} has no split \"{split}\": {error}") from None
     if text_field not in dataset.column_names:
         raise DataError(f'{name_or_path}: no column "{text_field}"{did_you_mean(text_field, dataset.column_names)}; '
                         f"columns: {', '.join(dataset.column_names)}; set training.dataset_text_field")
+    feature = dataset.features.get(text_field)
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f'{name_or_path}: column "{text_field}" holds {feature}, not text; '
+                        f"set training.dataset_text_field to a string column")
     # Batched iteration over the one column keeps memory flat on datasets larger than RAM.
     for batch in dataset.select_columns([text_field]).iter(batch_size=HF_BATCH_ROWS):
         for text in batch[text_field]:
