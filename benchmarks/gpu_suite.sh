@@ -4,8 +4,9 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_flash float8 rmsnorm check_fp8_fsdp attention
-# train_fp8_triton_norm train_bf16_triton_norm),
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_triton_adamw train_fp8_triton_adamw optimizer
+# train_bf16_flash float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
+# SUITE_ONLY (the same names: run only these, in the suite's order),
 # SUITE_CONFIG (the training config; default train_configs/llama3_8b_8layers_bench.toml; a dry run
 # on CPU: SUITE_CONFIG=train_configs/debug_model.toml, the GPU-only benchmarks exit at once),
 # SUITE_STEPS (18, at least 8: 6 warm-up steps + 2 timed),
@@ -37,6 +38,7 @@ if [[ -n "$ANCHOR_LIMIT" ]] && (( ANCHOR_LIMIT - 15 < BUDGET )); then
 fi
 LAST_RC=0
 SKIP=" ${SUITE_SKIP:-} "
+ONLY=" ${SUITE_ONLY:-} "
 SUMMARY=$LOGS/ours_summary.md
 : >"$SUMMARY"
 
@@ -60,6 +62,7 @@ section() {  # section NAME LIMIT_SECONDS CMD...: skipped when less than half it
   local name=$1 limit=$2
   shift 2
   if [[ "$SKIP" == *" $name "* ]]; then echo "[suite] $name skipped"; return 0; fi
+  if [[ -n "${ONLY// }" && "$ONLY" != *" $name "* ]]; then echo "[suite] $name not in SUITE_ONLY"; return 0; fi
   local left=$(( BUDGET - SECONDS ))
   local needed=$(( limit / 2 > 20 ? limit / 2 : 20 ))
   (( left < limit )) && limit=$left
@@ -87,13 +90,20 @@ CONFIG=${SUITE_CONFIG:-train_configs/llama3_8b_8layers_bench.toml}
 BENCH=(python3 benchmarks/throughput.py --config "$CONFIG" --steps "$STEPS" --warmup 6)
 # Most informative first: a short lease that runs out still brings back the headline numbers.
 # The two headline runs also profile 3 more steps (kernel time by kind), in the same process.
-section train_bf16 150 "${BENCH[@]}" --label "bf16" --json "$LOGS/train_bf16.json" --profile-steps 3
+section train_bf16 150 "${BENCH[@]}" --label "bf16" --json "$LOGS/train_bf16.json" --profile-steps 3 --profile-top 40
 # auto = cuDNN attention first on sm90: if the bf16 run failed, the Float8 run uses the flash
 # kernel rather than fail the same way.
 ATTENTION=()
 (( LAST_RC != 0 )) && ATTENTION=(--model.sdpa_backend flash) && echo "[suite] train_bf16 failed: train_fp8 uses flash"
 section train_fp8 150 "${BENCH[@]}" --label "float8 tensorwise ${ATTENTION[*]}" --json "$LOGS/train_fp8.json" \
-  --profile-steps 3 --float8.enable --float8.recipe_name tensorwise "${ATTENTION[@]}"
+  --profile-steps 3 --profile-top 40 --float8.enable --float8.recipe_name tensorwise "${ATTENTION[@]}"
+# The Triton AdamW (kernels/adamw.py) against torch's fused one, end to end and alone.
+section train_bf16_triton_adamw 130 "${BENCH[@]}" --label "bf16 triton-adamw" --optimizer.implementation triton \
+  --json "$LOGS/train_bf16_triton_adamw.json" --profile-steps 3 --profile-top 40
+section train_fp8_triton_adamw 130 "${BENCH[@]}" --label "float8 tensorwise triton-adamw ${ATTENTION[*]}" \
+  --json "$LOGS/train_fp8_triton_adamw.json" --optimizer.implementation triton --float8.enable \
+  --float8.recipe_name tensorwise "${ATTENTION[@]}"
+section optimizer 90 python3 benchmarks/bench_optimizer.py --json "$LOGS/optimizer.json"
 # model.sdpa_backend = auto prefers cuDNN attention on sm90: the same run with the flash kernel.
 section train_bf16_flash 130 "${BENCH[@]}" --label "bf16 flash-attention" \
   --json "$LOGS/train_bf16_flash.json" --model.sdpa_backend flash

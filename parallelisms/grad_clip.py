@@ -6,10 +6,12 @@ parallel each rank holds only its stages' parameters, so the squared norms are s
 
 The clip multiplies every gradient by min(1, max_norm / (norm + 1e-6)), torch's coefficient. With a
 fused Adam/AdamW that multiplication moves into the optimizer's kernel: it divides each gradient by
-`optimizer.grad_scale` as it reads it (the hook AMP's GradScaler uses) and stores the divided gradient
-back. The gradients end the step clipped either way, and the separate pass over them (a read and a
-write of each) becomes one extra write inside the optimizer's kernel: 32 instead of 36 bytes of
-memory traffic per fp32 parameter and step.
+`optimizer.grad_scale` as it reads it (the hook AMP's GradScaler uses). torch's fused kernel stores
+the divided gradient back, so the gradients end the step clipped, and the separate pass over them (a
+read and a write of each) becomes one extra write inside the optimizer's kernel: 32 instead of 36
+bytes of memory traffic per fp32 parameter and step. The Triton optimizers (kernels/adamw.py) do not
+write it back, 28 bytes: after their step the gradients are the unclipped ones (nothing in the
+trainer reads them after the step; the norm is computed, and returned, before).
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from torchtitan_like.distributed.tensors import is_dtensor
 
 
 def fuses_gradient_clipping(optimizer) -> bool:
-    """Whether `optimizer.step()` can apply the clip itself: torch's fused Adam/AdamW kernels."""
+    """Whether `optimizer.step()` can apply the clip itself: torch's fused Adam/AdamW kernels and the
+    Triton optimizers (which honour `grad_scale` on every device, their CPU fallback included)."""
+    from torchtitan_like.kernels.adamw import TritonAdam, TritonAdamW
+
+    if isinstance(optimizer, (TritonAdam, TritonAdamW)):
+        return True
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
 
 
@@ -31,7 +38,7 @@ def fuses_gradient_clipping(optimizer) -> bool:
 def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: float = 2.0,
                    optimizer=None) -> torch.Tensor:
     """Clip when max_norm > 0 and return the total gradient norm before clipping (a plain tensor).
-    With a fused Adam/AdamW `optimizer`, its next step applies the clip; otherwise it happens here."""
+    With a fused Adam/AdamW or Triton `optimizer`, its next step applies the clip; otherwise it happens here."""
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
     if not grads:

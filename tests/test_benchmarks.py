@@ -37,7 +37,8 @@ def test_throughput_benchmark_trains_the_debug_model_and_reports(tmp_path):
     assert "torchtitan_like, kernel time by kind" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["benchmarks/bench_rmsnorm.py", "benchmarks/bench_float8.py"])
+@pytest.mark.parametrize("script", ["benchmarks/bench_rmsnorm.py", "benchmarks/bench_float8.py",
+                                    "benchmarks/bench_optimizer.py"])
 def test_gpu_benchmarks_exit_cleanly_without_cuda(script):
     result = run_script(script, "--quick", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

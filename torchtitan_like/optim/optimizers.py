@@ -24,15 +24,21 @@ def build_optimizer(model_parts: list[nn.Module], optimizer_config, device_type:
     """One optimizer over all parameters of `model_parts`.
 
     `implementation = "auto"` chooses the fused CUDA kernel on GPUs and the foreach (multi-tensor)
-    path elsewhere.
+    path elsewhere; "triton" builds `TritonAdamW` / `TritonAdam` (kernels/adamw.py), whose kernel
+    does not write the clipped gradient back (on CPU without the Triton interpreter they run torch's
+    for-loop step).
     """
     implementation = optimizer_config.implementation
     if implementation == "auto":
         implementation = "fused" if device_type == "cuda" else "foreach"
     kwargs = dict(lr=optimizer_config.lr, betas=(optimizer_config.beta1, optimizer_config.beta2),
-                  eps=optimizer_config.eps, fused=implementation == "fused",
-                  foreach=implementation == "foreach")
+                  eps=optimizer_config.eps)
     groups = _param_groups(model_parts, optimizer_config.weight_decay)
+    if implementation == "triton":
+        from torchtitan_like.kernels.adamw import TritonAdam, TritonAdamW
+
+        return (TritonAdamW if optimizer_config.name == "AdamW" else TritonAdam)(groups, **kwargs)
+    kwargs.update(fused=implementation == "fused", foreach=implementation == "foreach")
     if optimizer_config.name == "AdamW":
         return torch.optim.AdamW(groups, **kwargs)
     # Adam's weight decay is L2: added to the gradient before the moments (as TorchTitan passes it).
