@@ -4,8 +4,7 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_triton_adamw train_fp8_triton_adamw optimizer
-# train_bf16_flash float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_fused_adamw optimizer train_bf16_flash float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
 # SUITE_ONLY (the same names: run only these, in the suite's order),
 # SUITE_CONFIG (the training config; default train_configs/llama3_8b_8layers_bench.toml; a dry run
 # on CPU: SUITE_CONFIG=train_configs/debug_model.toml, the GPU-only benchmarks exit at once),
@@ -97,12 +96,9 @@ ATTENTION=()
 (( LAST_RC != 0 )) && ATTENTION=(--model.sdpa_backend flash) && echo "[suite] train_bf16 failed: train_fp8 uses flash"
 section train_fp8 150 "${BENCH[@]}" --label "float8 tensorwise ${ATTENTION[*]}" --json "$LOGS/train_fp8.json" \
   --profile-steps 3 --profile-top 40 --float8.enable --float8.recipe_name tensorwise "${ATTENTION[@]}"
-# The Triton AdamW (kernels/adamw.py) against torch's fused one, end to end and alone.
-section train_bf16_triton_adamw 130 "${BENCH[@]}" --label "bf16 triton-adamw" --optimizer.implementation triton \
-  --json "$LOGS/train_bf16_triton_adamw.json" --profile-steps 3 --profile-top 40
-section train_fp8_triton_adamw 130 "${BENCH[@]}" --label "float8 tensorwise triton-adamw ${ATTENTION[*]}" \
-  --json "$LOGS/train_fp8_triton_adamw.json" --optimizer.implementation triton --float8.enable \
-  --float8.recipe_name tensorwise "${ATTENTION[@]}"
+# optimizer.implementation = auto runs our Triton AdamW on CUDA: the same run with torch's fused one.
+section train_bf16_fused_adamw 130 "${BENCH[@]}" --label "bf16 torch-fused-adamw" --optimizer.implementation fused \
+  --json "$LOGS/train_bf16_fused_adamw.json"
 section optimizer 90 python3 benchmarks/bench_optimizer.py --json "$LOGS/optimizer.json"
 # model.sdpa_backend = auto prefers cuDNN attention on sm90: the same run with the flash kernel.
 section train_bf16_flash 130 "${BENCH[@]}" --label "bf16 flash-attention" \

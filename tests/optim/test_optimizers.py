@@ -66,3 +66,25 @@ def test_an_unchanged_config_changes_nothing_bit_for_bit():
     restored = [dict(group, params=None) for group in optimizer.param_groups]
     assert reapply_optimizer_config(optimizer, scheduler, config) == []
     assert [dict(group, params=None) for group in optimizer.param_groups] == restored
+
+
+def test_a_checkpoint_from_another_implementation_resumes_on_this_runs_kernel():
+    # Loading copies the saved groups' fused/foreach flags: a run saved with torch's fused AdamW
+    # (fused=True, foreach=None) would have resumed a foreach run on the fused path.
+    fused_config, foreach_config = Optimizer(lr=3e-3, implementation="fused"), Optimizer(lr=3e-3)
+    model, optimizer_state, scheduler_state = _train_and_save(fused_config, steps=2)
+    optimizer, scheduler = _resume(foreach_config, model, optimizer_state, scheduler_state)
+    assert all(group["fused"] for group in optimizer.param_groups)  # what loading alone leaves
+    assert reapply_optimizer_config(optimizer, scheduler, foreach_config) == []  # not logged: no numbers change
+    assert all(group["foreach"] and not group["fused"] for group in optimizer.param_groups)
+
+
+def test_auto_implementation_is_triton_on_cuda_fused_without_triton_and_foreach_on_cpu(monkeypatch):
+    from torchtitan_like.kernels import adamw
+    from torchtitan_like.optim.optimizers import resolve_implementation
+
+    assert resolve_implementation("auto", "cpu") == "foreach"
+    assert resolve_implementation("auto", "cuda") == "triton"
+    assert resolve_implementation("fused", "cuda") == "fused"
+    monkeypatch.setattr(adamw, "triton", None)
+    assert resolve_implementation("auto", "cuda") == "fused"
