@@ -19,6 +19,7 @@ first steps' updates ~0.1), and the kernel's error against float64 math is no la
 
 import copy
 import os
+import shutil
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -249,6 +250,36 @@ def test_the_debug_model_trains_with_the_triton_optimizer_as_with_foreach(tmp_pa
     torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["foreach"]), rtol=0.0, atol=1e-5)
     for got, want in zip(weights["triton"], weights["foreach"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_with_the_triton_optimizer_resumes_bit_for_bit(tmp_path, monkeypatch):
+    # A DCP resume first builds the optimizer state with a zero-lr step (torch's _init_optim_state),
+    # then loads the saved moments and the step count into it: the kernel's step must leave the
+    # weights as they are and the restored CPU step count must drive the next bias corrections.
+    from tests.helpers import tiny_overrides
+    from torchtitan_like.config import load_config
+    from torchtitan_like.trainer import Trainer
+
+    monkeypatch.setattr(adamw, "BLOCK", 16384)
+
+    def run(folder: str, steps: int) -> tuple[list[float], list[torch.Tensor]]:
+        config, _ = load_config(tiny_overrides(str(tmp_path / folder), steps=steps) + [
+            "--metrics.enable_tensorboard", "false", "--optimizer.implementation", "triton",
+            "--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.last_save_model_only", "false"])
+        trainer = Trainer(config)
+        assert isinstance(trainer.optimizer, TritonAdamW)
+        losses = trainer.train()
+        weights = [p.detach().clone() for p in trainer.model_parts[0].parameters()]
+        trainer.close()
+        return losses, weights
+
+    straight_losses, straight_weights = run("straight", 4)
+    # A run stopped after step 2 (a shorter run would have another LR schedule): its checkpoint.
+    shutil.copytree(tmp_path / "straight" / "checkpoint" / "step-2", tmp_path / "resumed" / "checkpoint" / "step-2")
+    resumed_losses, resumed_weights = run("resumed", 4)  # resumes from step 2
+    assert resumed_losses == straight_losses
+    for got, want in zip(resumed_weights, straight_weights):
+        assert torch.equal(got, want)
 
 
 def test_dtensor_parameters_update_their_local_shards_like_torch():
