@@ -86,5 +86,8 @@ def test_auto_implementation_is_triton_on_cuda_fused_without_triton_and_foreach_
     assert resolve_implementation("auto", "cpu") == "foreach"
     assert resolve_implementation("auto", "cuda") == "triton"
     assert resolve_implementation("fused", "cuda") == "fused"
+    assert resolve_implementation("auto", "cuda", offloaded=True) == "fused"  # FSDP CPU offload
+    model = build_model()  # parameters on the CPU of a "cuda" run: offloaded
+    assert build_optimizer([model], Optimizer(), "cuda").defaults["fused"]
     monkeypatch.setattr(adamw, "triton", None)
     assert resolve_implementation("auto", "cuda") == "fused"

@@ -57,7 +57,7 @@ class Optimizer:
     beta2: float = option(0.95, "Adam beta2.", ge=0.0, le=1.0)
     eps: float = option(1e-8, "Adam epsilon.", gt=0.0)
     weight_decay: float = option(0.1, "Weight decay of matrices (not norms, biases): decoupled for AdamW, L2 for Adam.", ge=0.0)
-    implementation: str = option("auto", "Kernel implementation; auto picks triton on CUDA (fused without Triton), "
+    implementation: str = option("auto", "Kernel implementation; auto picks triton on CUDA (fused without Triton or with CPU offload), "
                                          "foreach elsewhere; triton: one Triton kernel per parameter that moves "
                                          "less memory than fused.",
                                  choices=("auto", "fused", "foreach", "for-loop", "triton"))

@@ -30,7 +30,9 @@ def build_optimizer(model_parts: list[nn.Module], optimizer_config, device_type:
     H200 (docs/benchmarks.md). Its kernel does not write the clipped gradient back; on CPU without
     the Triton interpreter it runs torch's for-loop step.
     """
-    implementation = resolve_implementation(optimizer_config.implementation, device_type)
+    offloaded = device_type == "cuda" and any(
+        param.device.type == "cpu" for part in model_parts for param in part.parameters())
+    implementation = resolve_implementation(optimizer_config.implementation, device_type, offloaded)
     kwargs = dict(lr=optimizer_config.lr, betas=(optimizer_config.beta1, optimizer_config.beta2),
                   eps=optimizer_config.eps)
     groups = _param_groups(model_parts, optimizer_config.weight_decay)
@@ -45,12 +47,16 @@ def build_optimizer(model_parts: list[nn.Module], optimizer_config, device_type:
     return torch.optim.Adam(groups, **kwargs)
 
 
-def resolve_implementation(implementation: str, device_type: str) -> str:
-    """`optimizer.implementation` with "auto" resolved for the device type."""
+def resolve_implementation(implementation: str, device_type: str, offloaded: bool = False) -> str:
+    """`optimizer.implementation` with "auto" resolved for the device type; `offloaded`: the
+    parameters live on the CPU of a CUDA run (FSDP CPU offload), where torch's fused CPU kernel
+    is the fast one (the Triton step would fall back to torch's for-loop there)."""
     if implementation != "auto":
         return implementation
     if device_type != "cuda":
         return "foreach"
+    if offloaded:
+        return "fused"
     from torchtitan_like.kernels import adamw
 
     return "triton" if adamw.triton is not None else "fused"
