@@ -84,3 +84,15 @@ def test_checksum_verification_detects_changed_bytes(prepared):
     load_token_shards(prepared, "train")  # sizes still match: only the checksum notices
     with pytest.raises(DataError, match=f"shard {shard} does not match its SHA-256"):
         load_token_shards(prepared, "train", verify_checksums=True)
+
+
+def test_the_training_config_can_ask_the_loader_to_verify_checksums(prepared):
+    shard = prepared / "train_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 1
+    shard.write_bytes(bytes(data))
+    config = make_job_config(dataset="tokenized", dataset_path=str(prepared), seq_len=8, local_batch_size=1)
+    next(iter(build_dataloader(config, ByteTokenizer(), 0, 1)))  # off by default: sizes only
+    config.training.dataset_verify_checksums = True
+    with pytest.raises(DataError, match=f"shard {shard} does not match its SHA-256"):
+        next(iter(build_dataloader(config, ByteTokenizer(), 0, 1)))

@@ -79,6 +79,8 @@ class Training:
                           choices=("builtin", "local", "tokenized", "huggingface"))
     dataset_path: str = option("", "File, folder or glob of the corpus (local/tokenized) or dataset name (huggingface).")
     dataset_text_field: str = option("text", "Field holding the text in .jsonl/.json/.parquet/HF records.")
+    dataset_verify_checksums: bool = option(False, "tokenized: check every shard against the SHA-256 prepare-data "
+                                                   "recorded (reads every byte at start-up; sizes are always checked).")
     local_batch_size: int = option(8, "Samples per data-parallel rank per optimizer step.", ge=1)
     global_batch_size: int = option(-1, "Samples per optimizer step across all DP ranks; -1 = local x DP. "
                                         "Larger values use gradient accumulation.", ge=-1)

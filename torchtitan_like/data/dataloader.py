@@ -43,6 +43,7 @@ class DatasetSettings:
     seq_len: int
     seed: int
     split: str
+    verify_checksums: bool = False
 
     @property
     def section(self) -> str:
@@ -60,7 +61,8 @@ def dataset_settings(job_config: Any, split: str) -> DatasetSettings:
     training = job_config.training
     if split == "train":
         return DatasetSettings(training.dataset, training.dataset_path, training.dataset_text_field,
-                               training.local_batch_size, training.seq_len, training.seed, split)
+                               training.local_batch_size, training.seq_len, training.seed, split,
+                               training.dataset_verify_checksums)
     validation = job_config.validation
     path = validation.dataset_path
     # A prepare-data folder records its validation split: default to the training folder. (Not for HF
@@ -69,7 +71,8 @@ def dataset_settings(job_config: Any, split: str) -> DatasetSettings:
         path = training.dataset_path
     seq_len = training.seq_len if validation.seq_len == -1 else validation.seq_len
     return DatasetSettings(validation.dataset, path, training.dataset_text_field,
-                           validation.local_batch_size, seq_len, training.seed, split)
+                           validation.local_batch_size, seq_len, training.seed, split,
+                           training.dataset_verify_checksums)
 
 
 def check_dataset_paths(job_config: Any) -> None:
@@ -101,7 +104,7 @@ def load_tokens(settings: DatasetSettings, tokenizer: Tokenizer) -> TokenStream:
     if settings.dataset == "local":
         return TokenStream([encode_corpus(tokenizer, iter_documents(settings.path, settings.text_field))])
     if settings.dataset == "tokenized":
-        return load_token_shards(settings.path, settings.split, tokenizer)
+        return load_token_shards(settings.path, settings.split, tokenizer, settings.verify_checksums)
     if settings.dataset == "huggingface":
         documents = iter_huggingface_documents(settings.path, settings.text_field, settings.split)
         return TokenStream([encode_corpus(tokenizer, documents)])
