@@ -39,6 +39,9 @@ class Llama3Args:
     # Attention kernels scaled_dot_product_attention may use, in priority order ("cudnn", "flash",
     # "efficient", "math"); empty lets PyTorch choose. Applied inside the forward, so compile sees it.
     sdpa_backends: tuple[str, ...] = ()
+    # Grouped-query attention inside the kernel (`enable_gqa`), K/V not repeated to every query head:
+    # set where the allowed kernels support it (the trainer decides; see `Attention.forward`).
+    sdpa_native_gqa: bool = False
 
     @property
     def head_dim(self) -> int:

@@ -105,6 +105,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.sdpa_backends = [SDPA_BACKENDS[name] for name in args.sdpa_backends]
+        self.native_gqa = args.sdpa_native_gqa
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -118,10 +119,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        # The kernel reads each K/V head for its group of query heads (cuDNN and flash on CUDA in half
+        # precision, both CPU kernels); otherwise K/V are repeated to every query head first.
+        native_gqa = n_rep > 1 and self.native_gqa and (not q.is_cuda or q.dtype in (torch.bfloat16, torch.float16))
+        if not native_gqa:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         with sdpa_backend_context(self.sdpa_backends):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True)
+                                                 is_causal=True, enable_gqa=native_gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

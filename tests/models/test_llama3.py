@@ -207,6 +207,28 @@ def test_the_attention_kernel_choice_leaves_the_output_unchanged():
     torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backends", [(), ("math",)])
+def test_grouped_query_attention_in_the_kernel_equals_repeated_kv(backends):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 16))
+    outputs, grads = [], []
+    for native in (False, True):
+        model = build(tiny_args(sdpa_backends=backends, sdpa_native_gqa=native))  # 4 heads, 2 KV heads
+        logits = model(tokens)
+        logits.square().mean().backward()
+        outputs.append(logits.detach())
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for native_grad, repeated_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(native_grad, repeated_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_native_gqa_resolution():
+    from torchtitan_like.trainer import supports_native_gqa
+
+    assert supports_native_gqa((), torch.device("cpu")) and supports_native_gqa(("math",), torch.device("cpu"))
+
+
 def test_sdpa_backend_resolution():
     from torchtitan_like.errors import ConfigError
     from torchtitan_like.trainer import resolve_sdpa_backends
