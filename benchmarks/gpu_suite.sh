@@ -4,7 +4,8 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_fused_adamw optimizer train_bf16_flash float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_fused_adamw train_fp8_output_fp8 optimizer
+# train_bf16_flash float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
 # SUITE_ONLY (the same names: run only these, in the suite's order),
 # SUITE_CONFIG (the training config; default train_configs/llama3_8b_8layers_bench.toml; a dry run
 # on CPU: SUITE_CONFIG=train_configs/debug_model.toml, the GPU-only benchmarks exit at once),
@@ -99,6 +100,11 @@ section train_fp8 150 "${BENCH[@]}" --label "float8 tensorwise ${ATTENTION[*]}" 
 # optimizer.implementation = auto runs our Triton AdamW on CUDA: the same run with torch's fused one.
 section train_bf16_fused_adamw 130 "${BENCH[@]}" --label "bf16 torch-fused-adamw" --optimizer.implementation fused \
   --json "$LOGS/train_bf16_fused_adamw.json"
+# Float8 with the output projection (a sixth of the step's GEMM FLOPs) in fp8 too: not the default
+# (TorchTitan also keeps it in high precision), measured to know what it would give.
+section train_fp8_output_fp8 130 "${BENCH[@]}" --label "float8 tensorwise, output layer too ${ATTENTION[*]}" \
+  --json "$LOGS/train_fp8_output_fp8.json" --float8.enable --float8.recipe_name tensorwise \
+  --float8.filter_fqns "[]" "${ATTENTION[@]}"
 section optimizer 90 python3 benchmarks/bench_optimizer.py --json "$LOGS/optimizer.json"
 # model.sdpa_backend = auto prefers cuDNN attention on sm90: the same run with the flash kernel.
 section train_bf16_flash 130 "${BENCH[@]}" --label "bf16 flash-attention" \
