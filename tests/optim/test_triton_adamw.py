@@ -321,6 +321,9 @@ def _dtensor_worker() -> None:
     matches = all(torch.allclose(p.full_tensor(), r.full_tensor(), **TOLERANCES[torch.float32])
                   for p, r in zip(params, ref_params))
     print(f"rank {dist.get_rank()} dtensor states {dtensor_states}, matches torch {matches}", flush=True)
+    # Both ranks leave together: a rank still inside gloo when its peer tears down can abort
+    # ("terminate called without an active exception", seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
