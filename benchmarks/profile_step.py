@@ -5,7 +5,7 @@
 
 Builds the real `Trainer`, runs `--warmup` untimed steps (compile, allocator), then records
 `--steps` steps under `torch.profiler` and prints two markdown tables: milliseconds per step for
-each kind of kernel (matmul, attention, optimizer, norm, fp8 casts, other fused elementwise,
+each kind of kernel (matmul, attention, optimizer, norm, fp8 casts, loss, other fused elementwise,
 collectives, copies) with its share of the profiled kernel time, and the `--top` kernels by total
 time. On CUDA the rows are GPU kernels; on CPU (smoke tests) they are the CPU ops at the bottom
 of the call tree (self time). Kernel time is not step time: gaps where the device waits for the
@@ -27,6 +27,9 @@ KINDS = (
     ("optimizer", ("adam", "multi_tensor_apply", "foreach", "lerp", "addcdiv", "addcmul")),
     ("rmsnorm", ("rms_norm", "rmsnorm")),
     ("fp8 cast", ("_block_amax", "_scale_cast", "_rowwise_kernel", "amax")),
+    # before matmul and copy/fill: Inductor names its cross-entropy kernels after every op they
+    # fuse, `_to_copy` (the fp32 upcast) included
+    ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "triton_tem_", "aten::mm", "addmm", "bmm",
                 "scaled_mm", "wgmma")),
     ("collective", ("nccl", "gloo", "allreduce", "all_gather", "reduce_scatter")),

@@ -69,6 +69,8 @@ def test_profile_step_groups_the_debug_model_step_by_kind(tmp_path):
     ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
     ("Memcpy DtoD (Device -> Device)", "copy/fill"),
     ("triton_poi_fused_add_mul_silu_0", "fused elementwise"),
+    ("triton_red_fused__log_softmax__to_copy_prepare_softmax_online_view_0", "loss"),
+    ("triton_red_fused__log_softmax__log_softmax_backward_data__to_copy_arange_eq_expand_nll_loss", "loss"),
 ])
 def test_profile_step_kinds_of_gpu_kernel_names(name, kind):
     sys.path.insert(0, f"{REPO_ROOT}/benchmarks")
