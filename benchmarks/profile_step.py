@@ -102,6 +102,27 @@ def print_tables(summary: dict, label: str) -> None:
         print(f"| `{name.replace('|', '/')}` | {row['kind']} | {row['ms_per_step']:.2f} |")
 
 
+def profile_steps(trainer, iterator, first_step: int, steps: int, top: int):
+    """Run `steps` optimizer steps of `trainer` (numbered from `first_step`) under torch.profiler;
+    returns (`summarize` of them, the profiler). The caller has warmed the trainer up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = trainer.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for step in range(first_step, first_step + steps):
+            trainer.train_step(iterator)
+            trainer.step = step
+        sync()
+        step_ms = (time.perf_counter() - start) * 1000.0 / steps
+    summary = summarize(kernel_times_us(profiler, on_cuda), steps, step_ms, top)
+    summary["profiled_steps"] = steps
+    return summary, profiler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -112,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", default="", help="also write a Chrome trace here")
     parser.add_argument("--label", default="torchtitan_like")
     args, overrides = parser.parse_known_args(argv)
-
-    from torch.profiler import ProfilerActivity, profile
 
     from torchtitan_like.config import load_config
     from torchtitan_like.logging import init_logger
@@ -130,15 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train_step(iterator)
         trainer.step = step
     sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as profiler:
-        start = time.perf_counter()
-        for step in range(args.warmup + 1, total_steps + 1):
-            trainer.train_step(iterator)
-            trainer.step = step
-        sync()
-        step_ms = (time.perf_counter() - start) * 1000.0 / args.steps
-    summary = summarize(kernel_times_us(profiler, on_cuda), args.steps, step_ms, args.top)
+    summary, profiler = profile_steps(trainer, iterator, args.warmup + 1, args.steps, args.top)
     summary.update(label=args.label, device=torch.cuda.get_device_name(trainer.device) if on_cuda else "cpu",
                    torch=torch.__version__, overrides=overrides, profiled_steps=args.steps)
     if trainer.rank == 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 
@@ -84,40 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {args.label} | {result['device']} | {tokens_per_second:,.0f} | {mfu_text} | {memory_text} | "
               f"{step_seconds:.4f} | {losses[0]:.3f}->{losses[-1]:.3f} |")
     if args.profile_steps > 0:
-        result["profile"] = _profile(trainer, iterator, args.steps, args.profile_steps, sync, args.profile_top)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import profile_step
+
+        result["profile"], _ = profile_step.profile_steps(trainer, iterator, args.steps + 1, args.profile_steps,
+                                                          args.profile_top)
         if trainer.rank == 0:
             print()
-            import profile_step
-
             profile_step.print_tables(result["profile"], f"{args.label}, kernel time by kind")
     if trainer.rank == 0 and args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=1)
     trainer.close()
     return 0
-
-
-def _profile(trainer, iterator, done_steps: int, steps: int, sync, top: int) -> dict:
-    """Record `steps` more optimizer steps under torch.profiler; `profile_step.summarize` of them."""
-    import os
-
-    from torch.profiler import ProfilerActivity, profile
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import profile_step
-
-    on_cuda = trainer.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as profiler:
-        start = time.perf_counter()
-        for step in range(done_steps + 1, done_steps + steps + 1):
-            trainer.train_step(iterator)
-            trainer.step = step
-        sync()
-        step_ms = (time.perf_counter() - start) * 1000.0 / steps
-    summary = profile_step.summarize(profile_step.kernel_times_us(profiler, on_cuda), steps, step_ms, top=top)
-    summary["profiled_steps"] = steps
-    return summary
 
 
 def _device_name(device: torch.device) -> str:
