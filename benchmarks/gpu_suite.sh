@@ -4,8 +4,9 @@
 # $OUT (or /tmp/gpu_suite) and a summary prints last. Run from the repository root:
 #   bash benchmarks/gpu_suite.sh               # ours only
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
-# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_fused_adamw train_fp8_output_fp8 optimizer
-# train_bf16_flash float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
+# Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_split train_fp8_split
+# train_fp8_split_output_fp8 train_bf16_fused_adamw train_fp8_output_fp8 optimizer train_bf16_flash
+# float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
 # SUITE_ONLY (the same names: run only these, in the suite's order),
 # SUITE_CONFIG (the training config; default train_configs/llama3_8b_8layers_bench.toml; a dry run
 # on CPU: SUITE_CONFIG=train_configs/debug_model.toml, the GPU-only benchmarks exit at once),
@@ -97,6 +98,18 @@ ATTENTION=()
 (( LAST_RC != 0 )) && ATTENTION=(--model.sdpa_backend flash) && echo "[suite] train_bf16 failed: train_fp8 uses flash"
 section train_fp8 150 "${BENCH[@]}" --label "float8 tensorwise ${ATTENTION[*]}" --json "$LOGS/train_fp8.json" \
   --profile-steps 3 --profile-top 40 --float8.enable --float8.recipe_name tensorwise "${ATTENTION[@]}"
+# Split master weights (training.master_weights = "split"): the model computes on bf16 parameters,
+# no autocast casts; the optimizer keeps the fp32 value exactly. Same runs as the two above.
+section train_bf16_split 150 "${BENCH[@]}" --label "bf16 split-master-weights ${ATTENTION[*]}" \
+  --json "$LOGS/train_bf16_split.json" --profile-steps 3 --profile-top 40 --training.master_weights split \
+  "${ATTENTION[@]}"
+section train_fp8_split 130 "${BENCH[@]}" --label "float8 tensorwise split-master-weights ${ATTENTION[*]}" \
+  --json "$LOGS/train_fp8_split.json" --float8.enable --float8.recipe_name tensorwise \
+  --training.master_weights split "${ATTENTION[@]}"
+section train_fp8_split_output_fp8 130 "${BENCH[@]}" \
+  --label "float8 tensorwise split-master-weights, output layer too ${ATTENTION[*]}" \
+  --json "$LOGS/train_fp8_split_output_fp8.json" --float8.enable --float8.recipe_name tensorwise \
+  --float8.filter_fqns "[]" --training.master_weights split "${ATTENTION[@]}"
 # optimizer.implementation = auto runs our Triton AdamW on CUDA: the same run with torch's fused one.
 section train_bf16_fused_adamw 130 "${BENCH[@]}" --label "bf16 torch-fused-adamw" --optimizer.implementation fused \
   --json "$LOGS/train_bf16_fused_adamw.json"

@@ -30,6 +30,11 @@ by `grad_scale` in place. `adam_step_reference` is the plain-torch math the test
 Rounding: fmas where torch's CPU kernels round once (lerp, addcmul, add with alpha) and IEEE sqrt, so
 the interpreter matches torch's for-loop AdamW (moments bit for bit); bf16 results are rounded once
 to nearest even (by hand under the interpreter, whose fp32 -> bf16 cast truncates).
+Split master weights (torchtitan_like/master_weights.py): a bf16 parameter with an int16
+`_master_lo` is the fp32 master bit for bit; the kernel joins the halves, updates the fp32 value and
+writes both halves back: 26 bytes per parameter with a bf16 gradient (the master 4 read and 4
+written, the gradient 2, the fp32 moments 8 and 8). The moments are fp32, and `main_grad` (the fp32
+gradient accumulation) is read when set.
 Checkpoints: torch's load_state_dict keeps the saved groups' options, `fused`/`foreach` included;
 loading resets them here, but a TritonAdamW checkpoint loaded into torch's fused AdamW turns its
 groups to fused=False (its for-loop step), as a foreach checkpoint would.
@@ -40,6 +45,7 @@ import types
 
 import torch
 
+from torchtitan_like import master_weights
 from torchtitan_like.distributed.tensors import is_dtensor
 
 try:
@@ -76,14 +82,20 @@ def _round_to(x, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
 
 
 @_jit
-def _adam_step_kernel(PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, GRAD_SCALE, n_elements,
+def _adam_step_kernel(PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, GRAD_SCALE, LOW, n_elements,
                       param_decay_factor, l2_weight_decay, lerp_weight, beta2, one_minus_beta2,
                       bias_correction2_sqrt, eps, step_size,
                       BLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, DECOUPLED_DECAY: tl.constexpr,
-                      L2_DECAY: tl.constexpr, LERP_FROM_START: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+                      L2_DECAY: tl.constexpr, LERP_FROM_START: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                      SPLIT: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int32 overflows past 2**31
     mask = offsets < n_elements
-    param = tl.load(PARAM + offsets, mask=mask, other=0.0).to(tl.float32)
+    if SPLIT:  # a bf16 parameter and its int16 remainder: the fp32 master, bit for bit (master_weights.py)
+        high = tl.load(PARAM + offsets, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+        low = tl.load(LOW + offsets, mask=mask, other=0).to(tl.int32)
+        param = ((high << 16) + low).to(tl.float32, bitcast=True)
+    else:
+        param = tl.load(PARAM + offsets, mask=mask, other=0.0).to(tl.float32)
     grad = tl.load(GRAD + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg = tl.load(EXP_AVG + offsets, mask=mask, other=0.0).to(tl.float32)
     exp_avg_sq = tl.load(EXP_AVG_SQ + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -104,7 +116,16 @@ def _adam_step_kernel(PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, GRAD_SCALE, n_elements,
     # sqrt_rn: IEEE rounding as torch's sqrt (tl.sqrt is the approximate instruction on GPUs)
     denom = tl.sqrt_rn(exp_avg_sq) / bias_correction2_sqrt + eps
     param = param - step_size * exp_avg / denom
-    tl.store(PARAM + offsets, _round_to(param, PARAM.dtype.element_ty, BF16_BY_HAND), mask=mask)
+    if SPLIT:
+        # round the bit pattern to its top 16 bits, ties away from zero; the remainder fits int16
+        biased = param.to(tl.int32, bitcast=True) + 0x8000
+        high = (biased >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        low = ((biased & 0xFFFF) - 0x8000).to(tl.int16)
+        is_number = param == param
+        tl.store(PARAM + offsets, tl.where(is_number, high, param.to(tl.bfloat16)), mask=mask)
+        tl.store(LOW + offsets, tl.where(is_number, low, 0).to(tl.int16), mask=mask)
+    else:
+        tl.store(PARAM + offsets, _round_to(param, PARAM.dtype.element_ty, BF16_BY_HAND), mask=mask)
     tl.store(EXP_AVG + offsets, _round_to(exp_avg, EXP_AVG.dtype.element_ty, BF16_BY_HAND), mask=mask)
     tl.store(EXP_AVG_SQ + offsets, _round_to(exp_avg_sq, EXP_AVG_SQ.dtype.element_ty, BF16_BY_HAND), mask=mask)
 
@@ -130,17 +151,24 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               decoupled_weight_decay: bool, grad_scale: torch.Tensor | None = None) -> None:
+               decoupled_weight_decay: bool, grad_scale: torch.Tensor | None = None,
+               low: torch.Tensor | None = None) -> None:
     """One in-place AdamW (decoupled) or Adam (L2) update of plain tensors on one device, `step` the
-    count after this step's increment; `grad_scale`, a 0-d fp32 tensor on the same device, divides g."""
+    count after this step's increment; `grad_scale`, a 0-d fp32 tensor on the same device, divides g.
+    With `low` (int16), `param` is a split master weight's bf16 half (master_weights.py): the update
+    is of the fp32 value the two form, and both halves are written."""
     if not (param.shape == grad.shape == exp_avg.shape == exp_avg_sq.shape):
         raise ValueError(f"adam_step_: shapes differ: param {tuple(param.shape)}, grad {tuple(grad.shape)}, "
                          f"exp_avg {tuple(exp_avg.shape)}, exp_avg_sq {tuple(exp_avg_sq.shape)}")
+    if low is not None and (low.shape != param.shape or low.dtype != torch.int16 or param.dtype != torch.bfloat16):
+        raise ValueError(f"adam_step_: a split parameter is bf16 with an int16 remainder of its shape; got "
+                         f"param {param.dtype} {tuple(param.shape)}, low {low.dtype} {tuple(low.shape)}")
     n_elements = param.numel()
     if n_elements == 0:
         return
     # The kernel walks flat memory: a strided tensor is updated through a contiguous copy.
-    work = [t if t.is_contiguous() else t.contiguous() for t in (param, grad, exp_avg, exp_avg_sq)]
+    tensors = (param, grad, exp_avg, exp_avg_sq) + ((low,) if low is not None else ())
+    work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     # Host scalars in double, as torch computes them; floats throughout so Triton compiles one variant.
     lr, beta1, beta2, eps, weight_decay, step = map(float, (lr, beta1, beta2, eps, weight_decay, step))
     bias_correction1 = 1 - beta1 ** step
@@ -148,22 +176,28 @@ def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     lerp_weight = 1 - beta1
     with torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext():
         _adam_step_kernel[(triton.cdiv(n_elements, BLOCK),)](
-            work[0], work[1], work[2], work[3], grad_scale if grad_scale is not None else work[0], n_elements,
+            work[0], work[1], work[2], work[3], grad_scale if grad_scale is not None else work[0],
+            work[4] if low is not None else work[0], n_elements,
             1 - lr * weight_decay, weight_decay, lerp_weight, beta2, 1 - beta2,
             bias_correction2 ** 0.5, eps, lr / bias_correction1,
             BLOCK=BLOCK, HAS_GRAD_SCALE=grad_scale is not None,
             DECOUPLED_DECAY=decoupled_weight_decay and weight_decay != 0,
             L2_DECAY=not decoupled_weight_decay and weight_decay != 0,
-            LERP_FROM_START=abs(lerp_weight) < 0.5, BF16_BY_HAND=not param.is_cuda, num_warps=NUM_WARPS)
-    for original, updated in zip((param, exp_avg, exp_avg_sq), (work[0], work[2], work[3])):
+            LERP_FROM_START=abs(lerp_weight) < 0.5, BF16_BY_HAND=not param.is_cuda, SPLIT=low is not None,
+            num_warps=NUM_WARPS)
+    for original, updated in zip((param, exp_avg, exp_avg_sq, low), (work[0], work[2], work[3], work[-1])):
+        if original is None:
+            continue
         if updated is not original:
             original.copy_(updated)
 
 
 def adam_step_reference(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
-                        decoupled_weight_decay, grad_scale=None) -> None:
-    """The same update in plain torch ops (fp32 math, results stored in each tensor's dtype)."""
-    p, g, m, v = (t.float() for t in (param, grad, exp_avg, exp_avg_sq))
+                        decoupled_weight_decay, grad_scale=None, low=None) -> None:
+    """The same update in plain torch ops (fp32 math, results stored in each tensor's dtype; with
+    `low`, of the split master weight `param` and `low` form)."""
+    p = master_weights.join(param, low) if low is not None else param.float()
+    g, m, v = (t.float() for t in (grad, exp_avg, exp_avg_sq))
     if grad_scale is not None:
         g = g / grad_scale
     if weight_decay != 0 and decoupled_weight_decay:
@@ -174,7 +208,13 @@ def adam_step_reference(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, be
     v = v * beta2 + (1 - beta2) * g * g
     denom = v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
     p = p - (lr / (1 - beta1 ** step)) * m / denom
-    for target, value in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
+    if low is not None:
+        high, remainder = master_weights.split(p)
+        param.copy_(high)
+        low.copy_(remainder)
+    else:
+        param.copy_(p)
+    for target, value in ((exp_avg, m), (exp_avg_sq, v)):
         target.copy_(value)
 
 
@@ -200,11 +240,30 @@ class _TritonAdamStep:
         _check_group(self.param_groups[-1], type(self).__name__)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every loaded state tensor to its parameter's dtype: a split parameter is bf16,
+        # its moments are fp32. Those are taken out before and put back, in fp32, after.
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        own = [param for group in self.param_groups for param in group["params"]]
+        kept: dict = {}
+        if any(master_weights.is_split(param) for param in own):
+            state_dict = dict(state_dict, state=dict(state_dict["state"]))
+            for saved_id, param in zip(saved_ids, own):
+                if master_weights.is_split(param) and saved_id in state_dict["state"]:
+                    entry = dict(state_dict["state"][saved_id])
+                    kept[param] = {name: entry.pop(name) for name in ("exp_avg", "exp_avg_sq") if name in entry}
+                    state_dict["state"][saved_id] = entry
         # A checkpoint of torch's fused or foreach optimizer carries its choice in every group: keep ours.
         super().load_state_dict(state_dict)
+        for param, moments in kept.items():
+            for name, value in moments.items():
+                self.state[param][name] = value.to(device=param.device, dtype=master_weights.MASTER_DTYPE)
         for group in self.param_groups:
             group["fused"], group["foreach"] = False, False
             _check_group(group, type(self).__name__)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        master_weights.zero_main_grads(param for group in self.param_groups for param in group["params"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -212,12 +271,14 @@ class _TritonAdamStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"] if master_weights.gradient_of(p) is not None]
         for param in params:
-            if param.grad.is_sparse:
+            if master_weights.gradient_of(param).is_sparse:
                 raise ValueError(f"{type(self).__name__}: sparse gradients are not supported")
         if all(triton_available_for(param) for param in params):
-            self._triton_step()
+            self._step_each(adam_step_)
+        elif any(master_weights.is_split(param) for param in params):
+            self._step_each(adam_step_reference)  # torch's steps would update the bf16 halves alone
         else:
             self._fallback_step(params)
         return loss
@@ -240,30 +301,34 @@ class _TritonAdamStep:
         finally:
             self.grad_scale = grad_scale
 
-    def _triton_step(self) -> None:
+    def _step_each(self, update) -> None:
+        """`update` (the kernel's `adam_step_`, or `adam_step_reference`) on every parameter with a gradient."""
         grad_scale = getattr(self, "grad_scale", None)
         scale_on: dict = {}  # the divisor copied once per device
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             decoupled = group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))
             for param in group["params"]:
-                if param.grad is None:
+                grad = master_weights.gradient_of(param)
+                if grad is None:
                     continue
+                split = master_weights.is_split(param)
                 state = self.state[param]
-                if len(state) == 0:  # torch's lazy initialization, non-fused layout
+                if len(state) == 0:  # torch's lazy initialization, non-fused layout (fp32 moments when split)
+                    moment_dtype = master_weights.MASTER_DTYPE if split else param.dtype
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
                 elif state["step"].device.type != "cpu":  # from a fused/capturable checkpoint: one sync, once
                     state["step"] = state["step"].to("cpu", torch.float32)
                 state["step"] += 1
                 local_param = _local(param)
                 if grad_scale is not None and local_param.device not in scale_on:
                     scale_on[local_param.device] = grad_scale.to(local_param.device, torch.float32)
-                adam_step_(local_param, _local(param.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                           step=state["step"].item(), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"], decoupled_weight_decay=decoupled,
-                           grad_scale=scale_on.get(local_param.device))
+                update(local_param, _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                       step=state["step"].item(), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], decoupled_weight_decay=decoupled,
+                       grad_scale=scale_on.get(local_param.device), low=param._master_lo if split else None)
 
 
 class TritonAdamW(_TritonAdamStep, torch.optim.AdamW):

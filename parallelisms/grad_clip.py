@@ -12,6 +12,10 @@ read and a write of each) becomes one extra write inside the optimizer's kernel:
 bytes of memory traffic per fp32 parameter and step. The Triton optimizers (kernels/adamw.py) do not
 write it back, 28 bytes: after their step the gradients are the unclipped ones (nothing in the
 trainer reads them after the step; the norm is computed, and returned, before).
+
+Split master weights (`training.master_weights = "split"`) have bf16 gradients, or fp32 `main_grad`
+accumulations with gradient accumulation (master_weights.py); the norm of bf16 gradients is taken in
+fp32, tensor by tensor (torch's foreach norm would return, and round it to, bf16).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_like.distributed.tensors import is_dtensor
+from torchtitan_like.master_weights import gradient_of
 
 
 def fuses_gradient_clipping(optimizer) -> bool:
@@ -39,11 +44,14 @@ def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: 
                    optimizer=None) -> torch.Tensor:
     """Clip when max_norm > 0 and return the total gradient norm before clipping (a plain tensor).
     With a fused Adam/AdamW or Triton `optimizer`, its next step applies the clip; otherwise it happens here."""
-    parameters = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in parameters]
+    parameters = [p for p in parameters if gradient_of(p) is not None]
+    grads = [gradient_of(p) for p in parameters]
     if not grads:
         return torch.zeros(())
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True)
+    if any(grad.dtype != torch.float32 and not is_dtensor(grad) for grad in grads):
+        total_norm = _fp32_total_norm(grads, norm_type)
+    else:
+        total_norm = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True)
     if is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()
     if parallel_dims is not None and parallel_dims.pp_enabled:
@@ -59,7 +67,29 @@ def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: 
             optimizer.grad_scale = torch.clamp((total_norm + 1e-6) / max_norm, min=1.0).float().to(grads[0].device)
         elif hasattr(optimizer, "grad_scale"):
             del optimizer.grad_scale
+    elif max_norm > 0 and any(grad is not p.grad for p, grad in zip(parameters, grads)):
+        # fp32 accumulations of split master weights' gradients (`main_grad`), which torch's clip skips
+        coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for device, group in _by_device(grads).items():
+            torch._foreach_mul_(group, coefficient.to(device))
     elif max_norm > 0:
         # Takes the parameters, not their gradients: it scales each `p.grad`.
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
     return total_norm
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict:
+    groups: dict = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.device, []).append(tensor)
+    return groups
+
+
+def _fp32_total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The total norm of plain low-precision gradients (split master weights' bf16 ones), each
+    tensor's norm accumulated and returned in fp32 (torch's foreach norm returns the input dtype)."""
+    norms = []
+    for device, group in _by_device(grads).items():
+        norms.extend(torch._foreach_norm(group, norm_type, dtype=torch.float32))
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([norm.to(device) for norm in norms]), norm_type)

@@ -185,9 +185,17 @@ class ParallelDims:
             raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} needs the number of microbatches "
                               f"({n_microbatches}) to be a multiple of pipeline_parallel_degree = {self.pp}")
 
-    def validate_features(self, parallelism, compile_config, device_type: str, cpu_offload: bool = False) -> None:
-        """Checks that need the device: async TP runs only on CUDA with torch.compile; FSDP CPU
-        offload moves sharded state between a GPU and host memory, so it needs both."""
+    def validate_features(self, parallelism, compile_config, device_type: str, cpu_offload: bool = False,
+                          master_weights: str = "float32") -> None:
+        """Checks that need the device or the resolved degrees: async TP runs only on CUDA with
+        torch.compile; FSDP CPU offload moves sharded state between a GPU and host memory, so it needs
+        both; split master weights are for one process (FSDP's mixed precision covers sharded runs)."""
+        if master_weights == "split" and self.world_size > 1:
+            degrees = [f"{name} {value}" for name, value in (("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
+                                                             ("tp", self.tp), ("pp", self.pp)) if value > 1]
+            raise ConfigError(f"training.master_weights = 'split' is for one process without FSDP, tensor or pipeline "
+                              f"parallel; this run has {self.world_size} ({', '.join(degrees)}). FSDP's mixed-precision "
+                              f"policy keeps fp32 shards and computes in bf16 already: use master_weights = 'float32'")
         if cpu_offload:
             if device_type != "cuda":
                 raise ConfigError("training.enable_cpu_offload = true keeps FSDP parameters, gradients and optimizer "

@@ -28,6 +28,7 @@ from torchtitan_like.errors import ConfigError
 from torchtitan_like.fault_injection import maybe_inject_fault
 from torchtitan_like.kernels.float8.fsdp import precompute_float8_scales
 from torchtitan_like.logging import logger
+from torchtitan_like.master_weights import accumulate_gradients_in_fp32, convert_to_split
 from torchtitan_like.losses import cross_entropy_loss
 from torchtitan_like.metrics import MetricsLogger
 from torchtitan_like.models import get_model_spec
@@ -104,7 +105,9 @@ class Trainer:
         self.model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, self.device)
         self.model_args.sdpa_native_gqa = supports_native_gqa(self.model_args.sdpa_backends, self.device)
         self.parallel_dims.validate_features(config.parallelism, config.compile, self.device.type,
-                                             cpu_offload=config.training.enable_cpu_offload)
+                                             cpu_offload=config.training.enable_cpu_offload,
+                                             master_weights=config.training.master_weights)
+        self.split_master_weights = config.training.master_weights == "split"
         if config.float8.enable:
             from torchtitan_like.kernels.float8 import check_float8_support
 
@@ -135,7 +138,9 @@ class Trainer:
             from torchtitan_like.kernels.float8 import convert_to_float8
 
             convert_to_float8(model, config.float8)
-        self.param_dtype = _DTYPES[config.training.mixed_precision_param] if self.device.type == "cuda" else torch.float32
+        # Split master weights compute in bf16 on any device (their tests run on CPU).
+        on_gpu_or_split = self.device.type == "cuda" or self.split_master_weights
+        self.param_dtype = _DTYPES[config.training.mixed_precision_param] if on_gpu_or_split else torch.float32
         self.loss_fn = cross_entropy_loss
         if config.compile.enable and "loss" in config.compile.components:
             self.loss_fn = torch.compile(cross_entropy_loss, backend=config.compile.backend)
@@ -149,6 +154,10 @@ class Trainer:
             part.to_empty(device=self.device)
             part.init_weights(seed=config.training.seed, buffer_device=self.device)
             part.train()
+        if self.split_master_weights:
+            convert_to_split(self.model_parts)
+            if self.grad_accum_steps > 1:  # microbatches summed in fp32, as autocast's fp32 gradients are
+                accumulate_gradients_in_fp32(self.model_parts)
         self.num_params = sum(p.numel() for p in self.model_args_param_source())
         self.optimizer = build_optimizer(self.model_parts, config.optimizer, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.training.steps)
@@ -231,9 +240,11 @@ class Trainer:
         return [self.spec.parallelize_fn(model, self.parallel_dims, self.mesh, self.config)]
 
     def _compute_context(self):
-        """bf16 autocast when no FSDP mixed-precision policy casts the parameters (one GPU)."""
+        """bf16 autocast when no FSDP mixed-precision policy casts the parameters (one GPU) and
+        they are not split master weights' bf16 halves already."""
         stack = contextlib.ExitStack()
-        if self.device.type == "cuda" and self.param_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled:
+        if (self.device.type == "cuda" and self.param_dtype != torch.float32 and not self.parallel_dims.fsdp_enabled
+                and not self.split_master_weights):
             stack.enter_context(torch.autocast("cuda", dtype=self.param_dtype))
         return stack
 

@@ -2,6 +2,8 @@
 
 - `ModelState`: the model, merged over its parts (one per pipeline stage held by this rank), in
   DTensor-aware form from `get_model_state_dict`, so FSDP/TP layouts reshard on load.
+  Split master weights (`training.master_weights = "split"`) are saved as the fp32 values their two
+  halves form, so the checkpoint is the same as an fp32 run's, and load back into both halves.
 - `OptimizerState`: the optimizer in the flattened form of `get_optimizer_state_dict`
   (`state.<param fqn>.<name>`, `param_groups.<param fqn>.<option>`), keyed by parameter names, not
   by the position of a parameter in the optimizer, so it survives a change of parallel layout.
@@ -25,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from torchtitan_like import master_weights
 
 
 # ---------------------------------------------------------------------------------------- blobs
@@ -82,18 +86,38 @@ class ModelState:
     def __init__(self, model_parts: Sequence[nn.Module]):
         self.model_parts = list(model_parts)
 
+    @staticmethod
+    def _split_params(part: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The split master weights (master_weights.py) among `state`'s entries, by name: their
+        state-dict entry is the bf16 half, the checkpoint holds the fp32 value both halves form."""
+        by_storage = {param.data_ptr(): param for param in part.parameters()
+                      if master_weights.is_split(param) and param.numel() > 0}
+        if not by_storage:
+            return {}
+        return {name: by_storage[value.data_ptr()] for name, value in state.items()
+                if isinstance(value, torch.Tensor) and value.numel() > 0 and value.data_ptr() in by_storage}
+
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         merged: dict[str, torch.Tensor] = {}
         for part in self.model_parts:
-            merged.update(get_model_state_dict(part))
+            state = get_model_state_dict(part)
+            for name, param in self._split_params(part, state).items():
+                state[name] = master_weights.master_value(param)
+            merged.update(state)
         if dtype is not None:
             merged = {name: value.to(dtype) if value.is_floating_point() else value for name, value in merged.items()}
         return merged
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         for part in self.model_parts:
-            own = {name: state_dict[name] for name in get_model_state_dict(part)}
+            current = get_model_state_dict(part)
+            own = {name: state_dict[name] for name in current}
+            remainders = {}
+            for name, param in self._split_params(part, current).items():
+                own[name], remainders[name] = master_weights.split(own[name])
             set_model_state_dict(part, own, options=StateDictOptions(strict=True))
+            for name, param in self._split_params(part, current).items():
+                param._master_lo.copy_(remainders[name].to(param.device))
 
 
 # ------------------------------------------------------------------------------------ optimizer

@@ -92,6 +92,13 @@ class Training:
                                         choices=("bfloat16", "float32"))
     mixed_precision_reduce: str = option("float32", "Gradient reduction dtype under FSDP.",
                                          choices=("float32", "bfloat16"))
+    master_weights: str = option("float32", "Master weights of a run without FSDP, tensor or pipeline parallel: "
+                                            "float32 keeps fp32 parameters that autocast casts to bf16 for each op (on "
+                                            "GPU); split stores each as its bf16 rounding, which the model computes "
+                                            "with (activations in bf16, as under FSDP), plus the 16 low bits of its fp32 "
+                                            "value, which the Triton AdamW/Adam step updates exactly: no weight or "
+                                            "gradient casts, the same memory (docs/training.md).",
+                                 choices=("float32", "split"))
     enable_cpu_offload: bool = option(False, "Offload FSDP parameters, gradients and optimizer state to CPU.")
     seed: int = option(0, "Random seed for weights, data order and dropout-free RNG streams.", ge=0)
     deterministic: bool = option(False, "Use deterministic algorithms (slower) for bitwise-reproducible runs.")

@@ -64,6 +64,19 @@ def validate_config(config, model_args) -> None:
         config.float8.enable = True
     if config.float8.enable:
         _validate_float8(config.float8, config.parallelism)
+    if training.master_weights == "split":
+        _validate_split_master_weights(config)
+
+
+def _validate_split_master_weights(config) -> None:
+    """Split master weights are bf16 halves that only the Triton optimizer step updates whole."""
+    if config.training.mixed_precision_param != "bfloat16":
+        raise ConfigError(f"training.master_weights = 'split' computes in bfloat16; training.mixed_precision_param = "
+                          f"{config.training.mixed_precision_param!r}: set it to 'bfloat16' or master_weights = 'float32'")
+    if config.optimizer.implementation not in ("auto", "triton"):
+        raise ConfigError(f"training.master_weights = 'split' needs the Triton optimizer step, which updates both "
+                          f"halves; optimizer.implementation = {config.optimizer.implementation!r}: set it to 'auto' "
+                          f"or 'triton'")
 
 
 def _validate_float8(float8, parallelism) -> None:

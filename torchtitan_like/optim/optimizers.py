@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchtitan_like import master_weights
+
 
 def _param_groups(model_parts: list[nn.Module], weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: norms, biases and other 1-D parameters are not decayed
@@ -33,6 +35,10 @@ def build_optimizer(model_parts: list[nn.Module], optimizer_config, device_type:
     offloaded = device_type == "cuda" and any(
         param.device.type == "cpu" for part in model_parts for param in part.parameters())
     implementation = resolve_implementation(optimizer_config.implementation, device_type, offloaded)
+    if any(master_weights.is_split(param) for part in model_parts for param in part.parameters()):
+        # Only the Triton step updates both halves of a split master weight (on CPU without the
+        # interpreter, through its plain-torch fallback); validate.py refuses the other choices.
+        implementation = "triton"
     kwargs = dict(lr=optimizer_config.lr, betas=(optimizer_config.beta1, optimizer_config.beta2),
                   eps=optimizer_config.eps)
     groups = _param_groups(model_parts, optimizer_config.weight_decay)
