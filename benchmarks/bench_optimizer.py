@@ -21,6 +21,9 @@ is not counted):
   p *= 1 - lr wd (8), lerp m (12), v *= beta2 (8), v += (1 - beta2) g g (12), sqrt(v) into a
   temporary (8), divide (8) and add eps (8) in place, p addcdiv (16): 88 B
 - TritonAdamW + grad_scale: reads p, g, m, v; writes p, m, v: 28 B
+- TritonAdamW, split master weights + grad_scale (`training.master_weights = "split"`): reads the
+  bf16 half and int16 remainder (4), the bf16 g (2), m, v (8); writes both halves (4), m, v (8): 26 B.
+  Checked first: the split step equals the fp32 step on the joined value (`check_split`).
 - copy (reference): exp_avg <- p and exp_avg_sq <- g, tensor by tensor: 16 B
 Without CUDA the script prints a message and exits 0.
 """
@@ -48,7 +51,9 @@ CHECK_TOLERANCES = {"AdamW float32": 1e-6, "Adam float32": 1e-5, "AdamW bfloat16
 CHECK_TOLERANCE = CHECK_TOLERANCES["AdamW float32"]
 DIM, N_KV_HEADS, HEAD_DIM, FFN_DIM, VOCAB = 4096, 8, 128, 14336, 128256
 BYTES_PER_PARAM = {"torch fused + grad_scale": 32, "torch fused (no clip)": 28,
-                   "torch foreach + foreach clip": 88, "TritonAdamW + grad_scale": 28, "copy (reference)": 16}
+                   "torch foreach + foreach clip": 88, "TritonAdamW + grad_scale": 28, "copy (reference)": 16,
+                   "TritonAdamW split master weights + grad_scale": 26}
+SPLIT = "TritonAdamW split master weights + grad_scale"
 SWEEP = [(512, 4), (1024, 2), (1024, 8), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 16)]
 
 
@@ -144,6 +149,43 @@ def check_against_fused(params, optimizer_name: str = "AdamW", dtype=torch.float
     return errors
 
 
+def split_params(params) -> list[torch.nn.Parameter]:
+    """bf16 halves with int16 remainders of `params`, bf16 gradients (master_weights.py)."""
+    from torchtitan_like import master_weights
+
+    module = torch.nn.ParameterList(params)
+    master_weights.convert_to_split([module])
+    for param in module:
+        param.grad = torch.randn_like(param)
+    return list(module)
+
+
+def check_split(params) -> float:
+    """Two steps of the split kernel against two of the fp32 kernel on the joined values and the
+    same (bf16) gradients, on a slice: max |split - fp32| / max |fp32| of the masters (0: bit for bit)."""
+    from torchtitan_like import master_weights
+    from torchtitan_like.kernels.adamw import TritonAdamW
+
+    pieces = [params[1].detach()[:1024].clone(), params[0].detach().flatten()[:1_000_003].clone()]
+    split = split_params([torch.nn.Parameter(piece.clone()) for piece in pieces])
+    plain = [torch.nn.Parameter(master_weights.master_value(param)) for param in split]
+    optimizers = [TritonAdamW(group, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+                  for group in (split, plain)]
+    for _ in range(2):
+        for split_param, plain_param in zip(split, plain):
+            split_param.grad = torch.randn_like(split_param)
+            plain_param.grad = split_param.grad.float()
+        for optimizer in optimizers:
+            optimizer.grad_scale = torch.tensor(3.0, device=DEVICE)
+            optimizer.step()
+    errors = []
+    for split_param, plain_param in zip(split, plain):
+        want = plain_param.detach()
+        errors.append(float((master_weights.master_value(split_param) - want).abs().max()
+                            / want.abs().max().clamp_min(1e-30)))
+    return max(errors)
+
+
 def check_large_tensor() -> float:
     """A tensor of 2^31 + 4099 elements (int64 offsets): max relative error of its last 1M
     elements against the plain-torch reference math; 34 GB, freed before the benchmark."""
@@ -202,8 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         if worst > tolerance:
             print(f"CHECK FAILED: {label} max relative error {worst:.2e} > {tolerance:.0e}")
 
+    split_error = check_split(params)
+    checks["split vs fp32 step"] = split_error
+    checks_ok &= split_error <= CHECK_TOLERANCE
+    print(f"check split master weights vs the fp32 step on the joined values: {split_error:.2e}"
+          + (" (bit for bit)" if split_error == 0 else "")
+          + ("" if split_error <= CHECK_TOLERANCE else f" CHECK FAILED (> {CHECK_TOLERANCE:.0e})"), flush=True)
+
     timings: dict[str, float] = {}
-    for implementation in [name for name in BYTES_PER_PARAM if name != "copy (reference)"]:
+    for implementation in [name for name in BYTES_PER_PARAM if name not in ("copy (reference)", SPLIT)]:
         for param in params:
             param.grad.normal_()  # torch's fused kernel wrote the divided gradients back
         optimizer = build(implementation, params)
@@ -230,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
             del states
         del optimizer
         torch.cuda.empty_cache()
+
+    # last: bf16 halves, remainders and gradients beside the fp32 parameters (6 more bytes each)
+    split = split_params([torch.nn.Parameter(param.detach().clone()) for param in params])
+    optimizer = build(SPLIT, split)
+    timings[SPLIT] = time_steps(step_function(SPLIT, optimizer, split))
+    print(f"{SPLIT}: {timings[SPLIT]:.2f} ms ({time.perf_counter() - began:.0f}s)", flush=True)
+    del optimizer, split
+    torch.cuda.empty_cache()
 
     copy_gbs = BYTES_PER_PARAM["copy (reference)"] * n_params / (timings["copy (reference)"] * 1e-3) / 1e9
     rows = []
