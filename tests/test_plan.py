@@ -129,3 +129,14 @@ def test_without_loss_parallel_every_tp_rank_holds_the_whole_logits():
     whole = _component(_estimate(parallelism={"disable_loss_parallel": True}), "output logits")
     head_input = 4 * 4096 / 4 * 4 * 1024
     assert whole - head_input == pytest.approx(4 * (split - head_input))
+
+
+def test_split_master_weights_keep_4_bytes_of_master_and_bf16_gradients():
+    one_gpu = {"tp": 1, "fsdp": False}
+    plain = _estimate(one_gpu)
+    split = _estimate(one_gpu, training={"master_weights": "split"})
+    accumulating = _estimate(one_gpu, training={"master_weights": "split", "global_batch_size": 8})
+    assert _component(split, "parameters (split master") == _component(plain, "parameters (fp32") == 4 * 10**9
+    assert _component(split, "gradients (bf16)") == 2 * 10**9 and _component(plain, "gradients (fp32)") == 4 * 10**9
+    assert not any(name.startswith("gradient accumulation") for name in split)
+    assert _component(accumulating, "gradient accumulation (fp32 main_grad)") == 4 * 10**9

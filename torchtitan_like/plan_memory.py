@@ -6,7 +6,8 @@ the peak of one training step and is the sum of:
 1. **Model states** (sharded by FSDP x TP x PP; the caller counts this rank's local parameter
    elements from the DTensor shards): fp32 master parameters (4 B), fp32 gradients (4 B) and AdamW's
    two fp32 moments (8 B): 16 B per local parameter. `training.enable_cpu_offload` moves all three to
-   host memory.
+   host memory. Split master weights (one process) hold the master in the same 4 B and bf16
+   gradients (2 B), plus an fp32 `main_grad` (4 B) with gradient accumulation.
 2. **FSDP compute copies**: under mixed precision FSDP all-gathers each unit (a block; the embedding;
    norm + output) in `mixed_precision_param` (bf16, 2 B). Resharding after forward, the peak holds
    two units (the one computing and the one prefetched) plus the norm + output unit, which is never
@@ -164,6 +165,11 @@ def estimate_memory(shape: BlockShape, layout: RankLayout, training, parallelism
     estimate = MemoryEstimate()
     states = {"parameters (fp32 master)": FP32_BYTES, "gradients (fp32)": FP32_BYTES,
               "optimizer states (AdamW, 2 x fp32)": ADAMW_STATE_BYTES}
+    if training.master_weights == "split":  # one process: bf16 halves + int16 remainders, bf16 gradients
+        states = {"parameters (split master: bf16 + int16 remainder)": FP32_BYTES, "gradients (bf16)": 2,
+                  "optimizer states (AdamW, 2 x fp32)": ADAMW_STATE_BYTES}
+        if training.global_batch_size not in (-1, training.local_batch_size):
+            states["gradient accumulation (fp32 main_grad)"] = FP32_BYTES
     for name, bytes_per_param in states.items():
         estimate.components[name] = 0.0 if training.enable_cpu_offload else layout.local_params * bytes_per_param
     if training.enable_cpu_offload:
