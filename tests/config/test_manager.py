@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from tests.cli_cases import run_cli_cases
 from tests.helpers import REPO_ROOT, run_cli, tiny_overrides
 from torchtitan_like.config import JobConfig, load_config, to_toml
 from torchtitan_like.config.manager import parse_cli_overrides, read_toml
@@ -104,12 +105,22 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+    """Every BAD_INPUTS command's result, forked from one interpreter that imported the trainer once
+    (tests/cli_cases.py; each case is almost all start-up). test_print_config_... runs the CLI afresh."""
+    cases = {}
+    for index, (extra, _) in enumerate(BAD_INPUTS):
+        args = tiny_overrides(str(tmp_path_factory.mktemp(f"bad_input{index}") / "run"))
+        if extra[0] == "--config":
+            args = args[2:]
+        cases[str(index)] = {"args": args + extra}
+    return run_cli_cases(cases, case_timeout=120)
+
+
 @pytest.mark.parametrize("extra,message", BAD_INPUTS)
-def test_bad_input_exits_2_with_one_clear_message(tmp_path, extra, message):
-    args = tiny_overrides(str(tmp_path / "run"))
-    if extra[0] == "--config":
-        args = args[2:]
-    result = run_cli(args + extra, timeout=120)
+def test_bad_input_exits_2_with_one_clear_message(bad_input_results, extra, message):
+    result = bad_input_results[str(BAD_INPUTS.index((extra, message)))]
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr

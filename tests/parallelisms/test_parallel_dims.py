@@ -3,19 +3,16 @@ that names the keys, before any process group exists (so no rank can hang).
 
 Each case runs the CLI as rank 0 of a job of WORLD_SIZE processes: validation reads the world size
 from the environment and fails before the first collective, so one process is enough to prove it.
-The cases run four at a time, each under a timeout.
+The cases are forked from one interpreter that imported the trainer once (tests/cli_cases.py: start-up
+is almost all of a case's time), each under a timeout.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from tests.helpers import REPO_ROOT, tiny_overrides
+from tests.cli_cases import run_cli_cases
+from tests.helpers import tiny_overrides
 
 CASE_TIMEOUT_SECONDS = 60
 
@@ -72,23 +69,16 @@ INVALID_CASES = {
 }
 
 
-def run_case(name: str, dump_folder: str) -> tuple[int | None, str]:
-    world_size, overrides, _ = INVALID_CASES[name]
-    env = dict(os.environ, WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0", OMP_NUM_THREADS="1")
-    try:
-        done = subprocess.run([sys.executable, "-m", "torchtitan_like.train", *tiny_overrides(dump_folder), *overrides],
-                              capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=CASE_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {CASE_TIMEOUT_SECONDS}s"
-    return done.returncode, done.stdout + done.stderr
-
-
 @pytest.fixture(scope="module")
 def invalid_case_results(tmp_path_factory):
-    """Run the cases a few at a time (each is mostly interpreter start-up)."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(run_case, name, str(tmp_path_factory.mktemp(name))) for name in INVALID_CASES}
-        return {name: future.result() for name, future in futures.items()}
+    """{case: (returncode, stdout + stderr)} of every case, run as rank 0 of a WORLD_SIZE-process job."""
+    cases = {name: {"args": [*tiny_overrides(str(tmp_path_factory.mktemp(name))), *overrides],
+                    "env": {"WORLD_SIZE": str(world_size), "RANK": "0", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}}
+             for name, (world_size, overrides, _) in INVALID_CASES.items()}
+    results = run_cli_cases(cases, CASE_TIMEOUT_SECONDS)
+    return {name: (result.returncode, ("" if result.returncode is not None else
+                                       f"timed out after {CASE_TIMEOUT_SECONDS}s\n") + result.stdout + result.stderr)
+            for name, result in results.items()}
 
 
 @pytest.mark.parametrize("case", list(INVALID_CASES))
