@@ -287,6 +287,7 @@ def test_a_split_run_resumes_bit_for_bit_and_its_checkpoint_resumes_a_float32_ru
             "--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.last_save_model_only", "false"])
         trainer = Trainer(config)
         assert isinstance(trainer.optimizer, TritonAdamW) == (master == "split")
+        assert trainer.split_master_weights == (master == "split")
         losses = trainer.train()
         from torchtitan_like.checkpoint.state import ModelState
 
