@@ -17,7 +17,7 @@ def _train(dump: str) -> str:
     args = [*tiny_overrides(dump, steps=4), "--metrics.enable_tensorboard", "false", "--training.device", "cpu",
             "--checkpoint.enable", "true", "--checkpoint.interval", "2", "--checkpoint.last_save_model_only", "false",
             *FLOAT8_ALL_GATHER]
-    return launch(["-m", "torchtitan_like.train", *args], 2, LAUNCH_TIMEOUT_SECONDS)
+    return launch(["-m", "torchtitan_like.train", *args], 2, LAUNCH_TIMEOUT_SECONDS, fork=True)
 
 
 def test_fp8_all_gather_run_resumes_from_its_checkpoint_bitwise(tmp_path):

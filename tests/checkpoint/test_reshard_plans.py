@@ -6,7 +6,8 @@ folder) and trains steps 4 to 6. DCP reshards model and optimizer; the data posi
 from the global count of samples read (data/sampler.py), so B's ranks read together what A's did.
 
 A launch spends most of its time starting up (imports, rendezvous), not computing, so the A runs
-start together, then the B runs: about 80 s in all on 2 CPU cores, against 190 s one after another.
+start together, then the B runs, and each launch forks its ranks from one interpreter that imported
+torch and the trainer once (tests/forking.py) instead of starting them under torchrun.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def launch(dump: str, nproc: int, local_batch_size: int, plan: tuple[str, ...], 
             "--checkpoint.last_save_model_only", "false", *plan]
     if initial_load_path:
         args += ["--checkpoint.initial_load_path", initial_load_path, "--checkpoint.initial_load_model_only", "false"]
-    launch_process(["-m", "torchtitan_like.train", *args], nproc, LAUNCH_TIMEOUT_SECONDS)
+    launch_process(["-m", "torchtitan_like.train", *args], nproc, LAUNCH_TIMEOUT_SECONDS, fork=True)
 
 
 def read_section(path: str, section: str) -> dict[str, torch.Tensor]:

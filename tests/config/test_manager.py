@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.cli_cases import run_cli_cases
+from tests.forking import run_cli_cases
 from tests.helpers import REPO_ROOT, run_cli, tiny_overrides
 from torchtitan_like.config import JobConfig, load_config, to_toml
 from torchtitan_like.config.manager import parse_cli_overrides, read_toml
@@ -108,7 +108,7 @@ BAD_INPUTS = [
 @pytest.fixture(scope="module")
 def bad_input_results(tmp_path_factory):
     """Every BAD_INPUTS command's result, forked from one interpreter that imported the trainer once
-    (tests/cli_cases.py; each case is almost all start-up). test_print_config_... runs the CLI afresh."""
+    (tests/forking.py; each case is almost all start-up). test_print_config_... runs the CLI afresh."""
     cases = {}
     for index, (extra, _) in enumerate(BAD_INPUTS):
         args = tiny_overrides(str(tmp_path_factory.mktemp(f"bad_input{index}") / "run"))

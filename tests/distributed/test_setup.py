@@ -9,7 +9,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timeout_worke
 
 
 def test_timeouts_reach_every_mesh_group_and_a_silent_rank_fails_the_collective():
-    output = launch([WORKER], 4, timeout=90)
+    output = launch([WORKER], 4, timeout=90, fork=True)
     for rank in range(4):
         # the default group, dp_shard and tp
         assert f"rank {rank} groups 3 init timeouts [77.0, 77.0, 77.0]" in output, output

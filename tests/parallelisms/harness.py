@@ -1,9 +1,11 @@
-"""Parity harness: run parallel plans on N gloo ranks (torchrun, with a timeout) and compare each
-plan's per-step losses and final parameters with a single-process run of the same seed and data.
+"""Parity harness: run parallel plans on N gloo ranks (with a timeout) and compare each plan's
+per-step losses and final parameters with a single-process run of the same seed and data.
 
 Every plan is declared once in `PLANS`. Starting a process costs more than training the tiny model,
 so all plans of one world size run in one launch (`launch_world`), once per test session; each test
-then checks its own plan's results.
+then checks its own plan's results. The ranks are forked, with torchrun's environment, from one
+interpreter that imported torch and the trainer once (tests/forking.py); torchrun itself is tested
+by tests/checkpoint/test_resume.py.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def launch_world(out_dir: str, nproc: int, plan_names: list[str]) -> None:
     spec_path = os.path.join(out_dir, "spec.json")
     with open(spec_path, "w") as handle:
         json.dump({"out_dir": out_dir, "plans": {name: plan_overrides(PLANS[name]) for name in plan_names}}, handle)
-    launch([WORKER, spec_path], nproc, LAUNCH_TIMEOUT_SECONDS)
+    launch([WORKER, spec_path], nproc, LAUNCH_TIMEOUT_SECONDS, fork=True)
 
 
 def load_results(plan_dir: str) -> tuple[list[float], dict[str, torch.Tensor]]:

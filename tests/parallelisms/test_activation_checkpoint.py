@@ -18,7 +18,7 @@ def test_per_op_checkpointing_recomputes_no_matmul_attention_reduce_scatter_or_a
     from tests.helpers import launch
 
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ac_recompute_worker.py")
-    output = launch([worker], 2, timeout=120)
+    output = launch([worker], 2, timeout=120, fork=True)
     counts = {entry["mode"]: entry for entry in
               (json.loads(line.split("COUNTS ", 1)[1]) for line in output.splitlines() if "COUNTS " in line)}
     none, full, per_op = counts["none/1"], counts["full/1"], counts["selective/op"]

@@ -3,7 +3,7 @@ that names the keys, before any process group exists (so no rank can hang).
 
 Each case runs the CLI as rank 0 of a job of WORLD_SIZE processes: validation reads the world size
 from the environment and fails before the first collective, so one process is enough to prove it.
-The cases are forked from one interpreter that imported the trainer once (tests/cli_cases.py: start-up
+The cases are forked from one interpreter that imported the trainer once (tests/forking.py: start-up
 is almost all of a case's time), each under a timeout.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cli_cases import run_cli_cases
+from tests.forking import run_cli_cases
 from tests.helpers import tiny_overrides
 
 CASE_TIMEOUT_SECONDS = 60
