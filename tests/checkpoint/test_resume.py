@@ -6,13 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, launch, run_cli
 from torchtitan_like.checkpoint import folders
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.preemption import PREEMPTED_EXIT_CODE
@@ -56,10 +57,18 @@ def assert_all_committed_checkpoints_load(dump: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
+    """straight_run() -> (losses, model, rng) of an uninterrupted run. It runs in the background while
+    the test runs its killed one: each is a single process (OMP_NUM_THREADS=1) on CI's two cores."""
     dump = str(tmp_path_factory.mktemp("straight"))
-    result = run_cli(run_args(dump, steps=8, interval=4), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return (*final_losses_and_model(dump, 8), saved_rng(dump, 8))
+    with ThreadPoolExecutor(1) as background:
+        future = background.submit(run_cli, run_args(dump, steps=8, interval=4), timeout=300)
+
+        def result():
+            completed = future.result()
+            assert completed.returncode == 0, completed.stderr[-3000:]
+            return (*final_losses_and_model(dump, 8), saved_rng(dump, 8))
+
+        yield result
 
 
 def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, straight_run):
@@ -71,7 +80,7 @@ def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, st
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stdout
     losses, model = final_losses_and_model(dump, 8)
-    expected_losses, expected_model, expected_rng = straight_run
+    expected_losses, expected_model, expected_rng = straight_run()
     assert losses == expected_losses  # bit for bit: same data position, RNG, optimizer and schedule
     for name, value in expected_model.items():
         assert torch.equal(model[name], value), name
@@ -101,7 +110,17 @@ def test_a_finished_run_relaunched_trains_nothing_and_an_extended_one_resumes_fr
 
 
 def test_sigterm_saves_at_the_step_boundary_exits_75_and_resume_continues(tmp_path):
-    dump = str(tmp_path / "preempted")
+    with ThreadPoolExecutor(1) as background:  # the reference run, on the other core
+        straight = str(tmp_path / "straight")
+        straight_result = background.submit(run_cli, run_args(straight, steps=60, interval=1000), timeout=300)
+        losses = preempt_and_resume(str(tmp_path / "preempted"))
+        assert straight_result.result().returncode == 0
+    assert losses == final_losses_and_model(straight, 60)[0]
+
+
+def preempt_and_resume(dump: str) -> list[float]:
+    """SIGTERM at step 2 of 60: exit 75 with one complete checkpoint; the relaunch resumes from it and
+    finishes. Returns the losses of the 60 steps."""
     args = run_args(dump, steps=60, interval=1000)
     process = subprocess.Popen([sys.executable, "-m", "torchtitan_like.train", *args], cwd=REPO_ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -123,16 +142,18 @@ def test_sigterm_saves_at_the_step_boundary_exits_75_and_resume_continues(tmp_pa
     resumed = run_cli(args, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {saved[0]}" in resumed.stdout
-    losses, _ = final_losses_and_model(dump, 60)
-    straight = str(tmp_path / "straight")
-    assert run_cli(run_args(straight, steps=60, interval=1000), timeout=300).returncode == 0
-    assert losses == final_losses_and_model(straight, 60)[0]
+    return final_losses_and_model(dump, 60)[0]
+
+
+def parallel_run_args(dump: str) -> list[str]:
+    """FSDP 2 x TP 2 on 4 processes, 6 steps, a checkpoint every 2."""
+    return run_args(dump, steps=6, interval=2, batch=2) + [
+        "--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"]
 
 
 def torchrun(dump: str, fault: str = "", timeout: float = 420) -> subprocess.CompletedProcess:
     """FSDP 2 x TP 2 on 4 CPU processes; one restart allowed."""
-    args = run_args(dump, steps=6, interval=2, batch=2) + [
-        "--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"]
+    args = parallel_run_args(dump)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if fault:
         env["TORCHTITAN_LIKE_FAULT"] = fault
@@ -143,9 +164,10 @@ def torchrun(dump: str, fault: str = "", timeout: float = 420) -> subprocess.Com
 
 @pytest.fixture(scope="module")
 def straight_parallel_run(tmp_path_factory):
+    """The uninterrupted run the restarted ones must match. It tests nothing of torchrun's, so its ranks
+    are forked from one interpreter that imported the trainer once (tests/forking.py)."""
     dump = str(tmp_path_factory.mktemp("straight_fsdp2_tp2"))
-    result = torchrun(dump)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    launch(["-m", "torchtitan_like.train", *parallel_run_args(dump)], 4, timeout=420, fork=True)
     return final_losses_and_model(dump, 6)
 
 
@@ -170,19 +192,6 @@ def test_a_seed_checkpoint_starts_every_plan_from_the_same_weights(tmp_path):
     from tests.helpers import free_port
     from torchtitan_like.models.llama3 import Transformer, get_flavor
 
-    seed_dump = str(tmp_path / "seed")
-    created = run_cli(["--config", "train_configs/debug_model.toml", "--job.dump_folder", seed_dump,
-                       "--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
-    assert created.returncode == 0, created.stderr[-3000:]
-    seed_path = os.path.join(seed_dump, "checkpoint", "step-0")
-    args = get_flavor("debugmodel")
-    args.vocab_size = 258
-    expected = Transformer(args)
-    expected.init_weights(7)
-    seeded = read_section(seed_path, "model")
-    for name, value in expected.state_dict().items():
-        assert torch.equal(seeded[name], value), name
-
     def first_loss(dump, extra, nproc=1):
         args = run_args(str(tmp_path / dump), steps=1, interval=1000) + extra
         if nproc == 1:
@@ -195,9 +204,25 @@ def test_a_seed_checkpoint_starts_every_plan_from_the_same_weights(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         return final_losses_and_model(str(tmp_path / dump), 1)[0][0]
 
-    from_seed = ["--checkpoint.initial_load_path", seed_path]
-    single = first_loss("single", from_seed + ["--training.local_batch_size", "4"])
-    fsdp = first_loss("fsdp2", from_seed + ["--parallelism.data_parallel_shard_degree", "2"], nproc=2)
-    plain = first_loss("plain", ["--training.local_batch_size", "4"])
+    # single-process runs go to the background, on the other core: `plain` needs no seed checkpoint,
+    # `single` runs beside the 2-process `fsdp2`
+    with ThreadPoolExecutor(2) as background:
+        plain = background.submit(first_loss, "plain", ["--training.local_batch_size", "4"])
+        seed_dump = str(tmp_path / "seed")
+        created = run_cli(["--config", "train_configs/debug_model.toml", "--job.dump_folder", seed_dump,
+                           "--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--training.seed", "7"])
+        assert created.returncode == 0, created.stderr[-3000:]
+        seed_path = os.path.join(seed_dump, "checkpoint", "step-0")
+        from_seed = ["--checkpoint.initial_load_path", seed_path]
+        single = background.submit(first_loss, "single", from_seed + ["--training.local_batch_size", "4"])
+        args = get_flavor("debugmodel")
+        args.vocab_size = 258
+        expected = Transformer(args)
+        expected.init_weights(7)
+        seeded = read_section(seed_path, "model")
+        for name, value in expected.state_dict().items():
+            assert torch.equal(seeded[name], value), name
+        fsdp = first_loss("fsdp2", from_seed + ["--parallelism.data_parallel_shard_degree", "2"], nproc=2)
+        single, plain = single.result(), plain.result()
     assert single == pytest.approx(fsdp, rel=1e-5)  # same weights and global batch under both plans
     assert single != plain  # the seed checkpoint's weights, not the run's own seed-0 init
