@@ -17,7 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.helpers import run_cli, tiny_overrides
+from tests.forking import run_cli_cases
+from tests.helpers import tiny_overrides
 from torchtitan_like.distributed.tensors import assign_full_value
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.kernels.float8 import (Float8AllGatherWeight, Float8GatheredWeight, Float8Linear,
@@ -224,16 +225,28 @@ def test_invalid_float8_all_gather_combinations_are_config_errors(overrides, mes
         convert_to_float8(model, _float8_config(**overrides))
 
 
-@pytest.mark.parametrize("extra,message", [
+UNSUPPORTED_FP8_ALL_GATHER_CONFIGS = [
     (["--float8.enable_fsdp_float8_all_gather", "true", "--parallelism.tensor_parallel_degree", "2"],
      "float8.enable_fsdp_float8_all_gather = true is not supported with parallelism.tensor_parallel_degree = 2"),
     (["--float8.precompute_float8_dynamic_scale_for_fsdp", "true"],
      "float8.precompute_float8_dynamic_scale_for_fsdp = true needs float8.enable_fsdp_float8_all_gather = true"),
-])
-def test_trainer_refuses_unsupported_fp8_all_gather_configs_at_start_up(tmp_path, extra, message):
+]
+
+
+@pytest.fixture(scope="module")
+def unsupported_config_results(tmp_path_factory):
+    """The CLI on each unsupported config, forked from one interpreter that imported the trainer once
+    (tests/forking.py: start-up is almost all of each run)."""
+    cases = {str(index): {"args": [*tiny_overrides(str(tmp_path_factory.mktemp(f"fp8_config{index}"))),
+                                   "--float8.enable", "true", "--float8.emulate", "true", *extra]}
+             for index, (extra, _) in enumerate(UNSUPPORTED_FP8_ALL_GATHER_CONFIGS)}
+    return run_cli_cases(cases, case_timeout=120)
+
+
+@pytest.mark.parametrize("extra,message", UNSUPPORTED_FP8_ALL_GATHER_CONFIGS)
+def test_trainer_refuses_unsupported_fp8_all_gather_configs_at_start_up(unsupported_config_results, extra, message):
     # a single process: the check must come before the tensor-parallel degree is compared with the world
-    args = [*tiny_overrides(str(tmp_path)), "--float8.enable", "true", "--float8.emulate", "true", *extra]
-    result = run_cli(args, timeout=120)
+    result = unsupported_config_results[str(UNSUPPORTED_FP8_ALL_GATHER_CONFIGS.index((extra, message)))]
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 
