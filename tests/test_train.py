@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -23,12 +24,37 @@ def scalar_series(event_folder: str, tag: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def debug_run(tmp_path_factory):
-    dump = str(tmp_path_factory.mktemp("debug_run"))
-    result = run_cli(["--config", "train_configs/debug_model.toml", "--job.dump_folder", dump,
-                      "--training.steps", str(STEPS), "--training.seq_len", "128", "--lr_scheduler.warmup_steps", "5",
-                      "--metrics.log_freq", "5", "--validation.freq", "30", "--validation.steps", "4",
-                      "--metrics.disable_color_printing"], timeout=600)
+def cli_runs(tmp_path_factory):
+    """{name: (dump folder, future of the CompletedProcess)} of every CLI run of this module, started
+    together two at a time: each is one process (OMP_NUM_THREADS=1) and CI has two cores, so the short
+    runs finish beside the long debug run. Each test checks its own run."""
+    runs = {  # name: (arguments given the dump folder, timeout)
+        "debug_run": (lambda dump: [
+            "--config", "train_configs/debug_model.toml", "--job.dump_folder", dump, "--training.steps", str(STEPS),
+            "--training.seq_len", "128", "--lr_scheduler.warmup_steps", "5", "--metrics.log_freq", "5",
+            "--validation.freq", "30", "--validation.steps", "4", "--metrics.disable_color_printing"], 600),
+        # TorchTitan 0.2 turns Float8 on through model.converters alone, with no float8.enable key.
+        "converters": (lambda dump: tiny_overrides(dump, steps=1) + [
+            "--model.converters", "quantize.linear.float8", "--float8.emulate", "true",
+            "--job.description", "converter check 42", "--model.print_after_conversion"], 300),
+        "readme": (lambda dump: readme_train_command() + [
+            "--training.steps", "3", "--lr_scheduler.warmup_steps", "1", "--job.dump_folder", dump,
+            "--validation.enable", "false"], 300),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        started = {}
+        for name, (arguments, timeout) in runs.items():
+            dump = str(tmp_path_factory.mktemp(name))
+            # arguments built in the worker: a lost README command fails its own test only
+            started[name] = (dump, pool.submit(lambda arguments=arguments, dump=dump, timeout=timeout:
+                                               run_cli(arguments(dump), timeout=timeout)))
+        yield started
+
+
+@pytest.fixture(scope="module")
+def debug_run(cli_runs):
+    dump, future = cli_runs["debug_run"]
+    result = future.result()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return dump, result
 
@@ -79,17 +105,15 @@ def test_logged_lr_is_the_lr_each_step_used(debug_run):
         assert lr == pytest.approx(expected, rel=1e-6), step
 
 
-def test_converters_description_and_print_after_conversion_take_effect(tmp_path):
-    # TorchTitan 0.2 turns Float8 on through model.converters alone, with no float8.enable key.
-    result = run_cli(tiny_overrides(str(tmp_path), steps=1) + [
-        "--model.converters", "quantize.linear.float8", "--float8.emulate", "true",
-        "--job.description", "converter check 42", "--model.print_after_conversion"], timeout=300)
+def test_converters_description_and_print_after_conversion_take_effect(cli_runs):
+    dump, future = cli_runs["converters"]
+    result = future.result()
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "job: converter check 42" in output
     assert re.search(r"float8: swapped [1-9]\d* nn.Linear", output), output[-3000:]
     assert "(wq): Float8Linear(" in output  # the printed model, after the swap
-    with open(os.path.join(str(tmp_path), "config.toml")) as handle:
+    with open(os.path.join(dump, "config.toml")) as handle:
         assert re.search(r"\[float8\][^[]*enable = true", handle.read())
 
 
@@ -101,10 +125,7 @@ def readme_train_command() -> list[str]:
     return shlex.split(match.group(1))
 
 
-def test_readme_train_command_runs(tmp_path):
-    args = readme_train_command() + ["--training.steps", "3", "--lr_scheduler.warmup_steps", "1",
-                                     "--job.dump_folder", str(tmp_path),
-                                     "--validation.enable", "false"]
-    result = run_cli(args, timeout=300)
+def test_readme_train_command_runs(cli_runs):
+    result = cli_runs["readme"][1].result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step     3/3" in result.stdout
