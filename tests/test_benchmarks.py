@@ -2,16 +2,19 @@
 their tables and JSON; the GPU-only kernel benchmarks exit cleanly without CUDA."""
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, free_port
 
 
-def run_script(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+def run_script(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def run_on_debug_model(script, tmp_path, json_path, *args):
@@ -21,10 +24,42 @@ def run_on_debug_model(script, tmp_path, json_path, *args):
                       "--job.dump_folder", str(tmp_path / "run"), "--metrics.enable_tensorboard", "false")
 
 
-def test_throughput_benchmark_trains_the_debug_model_and_reports(tmp_path):
-    out = tmp_path / "throughput.json"
-    result = run_on_debug_model("benchmarks/throughput.py", tmp_path, out, "--steps", "4", "--warmup", "2",
-                                "--profile-steps", "1")
+GPU_BENCHMARKS = ["benchmarks/bench_rmsnorm.py", "benchmarks/bench_float8.py", "benchmarks/bench_optimizer.py"]
+FLOAT8_FSDP_CHECKS = {"compile": ["--compile"], "bfloat16": ["--param-dtype", "bfloat16"]}
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory):
+    """{name: (output folder, future of the CompletedProcess)} of every script run of this module,
+    started together two at a time: each is one process (OMP_NUM_THREADS=1) and CI has two cores.
+    Each test checks its own run."""
+    runs = {  # name: the run, given its output folder (called in the worker: an error fails its own test)
+        "throughput": lambda folder: run_on_debug_model(
+            "benchmarks/throughput.py", folder, folder / "throughput.json", "--steps", "4", "--warmup", "2",
+            "--profile-steps", "1"),
+        "profile_step": lambda folder: run_on_debug_model(
+            "benchmarks/profile_step.py", folder, folder / "profile.json", "--warmup", "1", "--steps", "1"),
+        "attention": lambda folder: run_script(
+            "benchmarks/bench_attention.py", "--reps", "2", "--json", str(folder / "attention.json"), timeout=120),
+        **{script: lambda folder, script=script: run_script(script, "--quick", timeout=120)
+           for script in GPU_BENCHMARKS},
+        # each its own port (the script's default, 29517, would be taken by the other check)
+        **{f"float8_fsdp_{name}": lambda folder, extra=extra: run_script(
+            "benchmarks/check_float8_fsdp.py", "--dim", "64", "--hidden", "128", "--tokens", "32", *extra, timeout=300,
+            env={"MASTER_PORT": str(free_port())}) for name, extra in FLOAT8_FSDP_CHECKS.items()},
+    }
+    with ThreadPoolExecutor(2) as pool:
+        started = {}
+        for name, run in runs.items():
+            folder = tmp_path_factory.mktemp(name.replace("/", "_"))
+            started[name] = (folder, pool.submit(run, folder))
+        yield started
+
+
+def test_throughput_benchmark_trains_the_debug_model_and_reports(script_runs):
+    folder, future = script_runs["throughput"]
+    out = folder / "throughput.json"
+    result = future.result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| torchtitan_like | cpu |" in result.stdout
     record = json.loads(out.read_text())
@@ -37,17 +72,17 @@ def test_throughput_benchmark_trains_the_debug_model_and_reports(tmp_path):
     assert "torchtitan_like, kernel time by kind" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["benchmarks/bench_rmsnorm.py", "benchmarks/bench_float8.py",
-                                    "benchmarks/bench_optimizer.py"])
-def test_gpu_benchmarks_exit_cleanly_without_cuda(script):
-    result = run_script(script, "--quick", timeout=120)
+@pytest.mark.parametrize("script", GPU_BENCHMARKS)
+def test_gpu_benchmarks_exit_cleanly_without_cuda(script_runs, script):
+    result = script_runs[script][1].result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CUDA" in result.stdout + result.stderr
 
 
-def test_profile_step_groups_the_debug_model_step_by_kind(tmp_path):
-    out = tmp_path / "profile.json"
-    result = run_on_debug_model("benchmarks/profile_step.py", tmp_path, out, "--warmup", "1", "--steps", "1")
+def test_profile_step_groups_the_debug_model_step_by_kind(script_runs):
+    folder, future = script_runs["profile_step"]
+    out = folder / "profile.json"
+    result = future.result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| kind | ms/step | % of kernel time |" in result.stdout
     summary = json.loads(out.read_text())
@@ -106,9 +141,10 @@ def test_profile_step_leaves_out_annotated_ranges_that_would_count_kernels_twice
                       "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": 40.6}
 
 
-def test_attention_benchmark_checks_each_cpu_kernel_against_the_fp32_reference(tmp_path):
-    out = tmp_path / "attention.json"
-    result = run_script("benchmarks/bench_attention.py", "--reps", "2", "--json", str(out), timeout=120)
+def test_attention_benchmark_checks_each_cpu_kernel_against_the_fp32_reference(script_runs):
+    folder, future = script_runs["attention"]
+    out = folder / "attention.json"
+    result = future.result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| kernel | fwd ms | fwd+bwd ms |" in result.stdout
     rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
@@ -119,10 +155,9 @@ def test_attention_benchmark_checks_each_cpu_kernel_against_the_fp32_reference(t
     assert rows["flash"]["total_ms"] > 0
 
 
-@pytest.mark.parametrize("extra", [["--compile"], ["--param-dtype", "bfloat16"]])
-def test_float8_fsdp_device_check_passes_on_one_cpu_process(extra):
+@pytest.mark.parametrize("check", list(FLOAT8_FSDP_CHECKS))
+def test_float8_fsdp_device_check_passes_on_one_cpu_process(script_runs, check):
     # bfloat16: the GPU's mixed-precision path, where the fp8 all-gather must cast the bf16 values
-    result = run_script("benchmarks/check_float8_fsdp.py", "--dim", "64", "--hidden", "128", "--tokens", "32",
-                        *extra, timeout=300)
+    result = script_runs[f"float8_fsdp_{check}"][1].result()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "y=True, dx=True, dW1=True, dW2=True | True |" in result.stdout
