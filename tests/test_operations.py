@@ -5,6 +5,9 @@ import glob
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from tests.helpers import REPO_ROOT, run_cli
 
@@ -15,9 +18,29 @@ def base_args(dump):
             "--validation.enable", "false", "--metrics.enable_tensorboard", "false"]
 
 
-def test_trainer_writes_profiler_traces_at_multiples_of_profile_freq(tmp_path):
-    dump = str(tmp_path)
-    result = run_cli(base_args(dump) + ["--profiling.enable_profiling", "--profiling.profile_freq", "2"], timeout=300)
+def train_then_sample(dump: str):
+    train = run_cli(base_args(dump) + ["--checkpoint.enable", "--checkpoint.interval", "4"], timeout=300)
+    if train.returncode != 0:
+        return train, None
+    return train, run_cli(["--config", "train_configs/debug_model.toml", "--checkpoint",
+                           os.path.join(dump, "checkpoint"), "--prompt", "The ", "--max-new-tokens", "8"],
+                          module="torchtitan_like.generate", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def single_process_runs(tmp_path_factory):
+    """The profiled run, and the training and sampling runs, started together: each is one process
+    (OMP_NUM_THREADS=1) and CI has two cores. {name: (dump folder, future)}; each test checks its own."""
+    profiled, sampled = str(tmp_path_factory.mktemp("profiled")), str(tmp_path_factory.mktemp("sampled"))
+    with ThreadPoolExecutor(2) as pool:
+        yield {"profiled": (profiled, pool.submit(run_cli, base_args(profiled) + [
+                   "--profiling.enable_profiling", "--profiling.profile_freq", "2"], timeout=300)),
+               "sampled": (sampled, pool.submit(train_then_sample, sampled))}
+
+
+def test_trainer_writes_profiler_traces_at_multiples_of_profile_freq(single_process_runs):
+    dump, future = single_process_runs["profiled"]
+    result = future.result()
     assert result.returncode == 0, result.stderr[-3000:]
     traces = sorted(glob.glob(os.path.join(dump, "profile_trace", "iteration_*", "rank0_trace.json")))
     assert [os.path.basename(os.path.dirname(t)) for t in traces] == ["iteration_2", "iteration_4"]
@@ -25,12 +48,9 @@ def test_trainer_writes_profiler_traces_at_multiples_of_profile_freq(tmp_path):
         assert json.load(handle)["traceEvents"]
 
 
-def test_sampling_from_a_checkpoint_the_trainer_wrote(tmp_path):
-    dump = str(tmp_path)
-    train = run_cli(base_args(dump) + ["--checkpoint.enable", "--checkpoint.interval", "4"], timeout=300)
+def test_sampling_from_a_checkpoint_the_trainer_wrote(single_process_runs):
+    train, result = single_process_runs["sampled"][1].result()
     assert train.returncode == 0, train.stderr[-3000:]
-    result = run_cli(["--config", "train_configs/debug_model.toml", "--checkpoint", os.path.join(dump, "checkpoint"),
-                      "--prompt", "The ", "--max-new-tokens", "8"], module="torchtitan_like.generate", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("The ")
 
