@@ -13,14 +13,15 @@ of torch's modules costs a forked child 1.5 s of copy-on-write for nothing a tes
 
 - `run_cli_cases`: many invocations of a CLI (e.g. invalid configs that must exit 2), each with its
   own output, exit code and timeout.
-- `launch_ranks`: a stand-in for `torchrun --nproc-per-node N` (tests.helpers.launch(..., fork=True)):
-  every rank gets torchrun's RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and
-  MASTER_PORT and rendezvouses through env:// as under torchrun; when a rank fails, the others are
-  killed and the launch fails, as torchrun's does.
+- `launch_ranks_command`: a stand-in for `torchrun --nproc-per-node N`, run by
+  tests.helpers.launch(..., fork=True) under its timeout: every rank gets torchrun's RANK,
+  LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT and rendezvouses through
+  env:// as under torchrun; when a rank fails, the others are killed and the launch fails, as
+  torchrun's does.
 
 What a forked child does not re-check is that the module imports cleanly in a fresh interpreter, nor
-torchrun itself: tests of those (the README command, --print-config, torchrun --max-restarts, run_train.sh)
-keep starting real processes.
+torchrun itself: the tests of those (the README command, --print-config, torchrun --max-restarts,
+run_train.sh) keep starting real processes.
 """
 
 from __future__ import annotations
