@@ -68,12 +68,9 @@ def run_cli_cases(cases: dict[str, dict], case_timeout: float, module: str = "to
         server = subprocess.Popen([sys.executable, "-m", "tests.forking", "cases", spec_path], cwd=REPO_ROOT,
                                   env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = server.communicate(timeout=total_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            output, _ = server.communicate()
-            raise AssertionError(f"CLI case server timed out after {total_timeout}s:\n{output[-4000:]}")
+        from tests.helpers import communicate_or_kill
+
+        output = communicate_or_kill(server, total_timeout, "CLI case server")
         assert server.returncode == 0, f"CLI case server failed ({server.returncode}):\n{output[-6000:]}"
         with open(os.path.join(out_dir, "results.json")) as handle:
             returncodes = json.load(handle)

@@ -42,8 +42,6 @@ def launch(target: list[str], nproc: int, timeout: float, fork: bool = False) ->
     fork=True forks the ranks from one interpreter that imported torch and the trainer once, with
     torchrun's environment (tests/forking.py), for tests about what the ranks compute rather than
     about torchrun: it saves each rank about 4 s of CPU imports."""
-    import signal
-
     if fork:
         from tests.forking import launch_ranks_command
 
@@ -56,11 +54,20 @@ def launch(target: list[str], nproc: int, timeout: float, fork: bool = False) ->
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=REPO_ROOT, start_new_session=True)
+    output = communicate_or_kill(process, timeout, f"{nproc}-process launch")
+    assert process.returncode == 0, f"{nproc}-process launch failed ({process.returncode}):\n{output[-6000:]}"
+    return output
+
+
+def communicate_or_kill(process: subprocess.Popen, timeout: float, what: str) -> str:
+    """The output of `process` (started with start_new_session=True and stdout piped); after
+    `timeout` seconds its whole process group is killed and the test fails, naming `what`."""
+    import signal
+
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        raise AssertionError(f"{nproc}-process launch timed out after {timeout}s:\n{output[-4000:]}")
-    assert process.returncode == 0, f"{nproc}-process launch failed ({process.returncode}):\n{output[-6000:]}"
+        raise AssertionError(f"{what} timed out after {timeout}s:\n{output[-4000:]}")
     return output
