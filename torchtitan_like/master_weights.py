@@ -63,14 +63,6 @@ def master_value(param: torch.Tensor) -> torch.Tensor:
     return join(param, param._master_lo) if is_split(param) else param
 
 
-@torch.no_grad()
-def load_master_(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Set a split parameter to the fp32 (or any float) `value`: both halves."""
-    high, low = split(value.to(param.device))
-    param.copy_(high)
-    param._master_lo.copy_(low)
-
-
 def gradient_of(param: torch.Tensor) -> torch.Tensor | None:
     """The gradient an optimizer step uses: the fp32 accumulation when there is one, else `.grad`."""
     main_grad = getattr(param, "main_grad", None)
