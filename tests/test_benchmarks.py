@@ -161,3 +161,56 @@ def test_float8_fsdp_device_check_passes_on_one_cpu_process(script_runs, check):
     result = script_runs[f"float8_fsdp_{check}"][1].result()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "y=True, dx=True, dW1=True, dW2=True | True |" in result.stdout
+
+
+def gpu_suite_training_sections() -> dict[str, list[str]]:
+    """{section name: its config overrides} of every training run in benchmarks/gpu_suite.sh, read
+    from the script (continuation lines joined; the benchmark's own flags and the attention fallback
+    variable left out)."""
+    import shlex
+
+    with open(os.path.join(REPO_ROOT, "benchmarks", "gpu_suite.sh")) as handle:
+        text = handle.read().replace("\\\n", " ")
+    own_flags = {"--label": 1, "--json": 1, "--profile-steps": 1, "--profile-top": 1}
+    sections = {}
+    for line in text.splitlines():
+        if not line.startswith("section "):
+            continue
+        words = shlex.split(line, comments=True)
+        if len(words) < 4 or words[0] != "section" or words[3] != "${BENCH[@]}":
+            continue
+        overrides, rest = [], words[4:]
+        while rest:
+            word = rest.pop(0)
+            if word in own_flags:
+                del rest[:own_flags[word]]
+            elif "ATTENTION" not in word:
+                overrides.append(word)
+        sections[words[1]] = overrides
+    return sections
+
+
+def test_every_gpu_suite_training_run_passes_the_start_up_checks_of_the_benchmark_config():
+    # The benchmark config once pinned optimizer.implementation = "fused": the suite's split-master-
+    # weights runs would have stopped at their config check on the GPU, after the lease had started.
+    from torchtitan_like.config import load_config, validate_config
+    from torchtitan_like.data import build_tokenizer
+    from torchtitan_like.optim.optimizers import resolve_implementation
+    from torchtitan_like.parallelisms.parallel_dims import ParallelDims
+    from torchtitan_like.trainer import resolve_model_args
+
+    sections = gpu_suite_training_sections()
+    assert {"train_bf16", "train_fp8", "train_bf16_split", "train_fp8_split", "train_bf16_fused_adamw"} <= set(sections)
+    for name, overrides in sections.items():
+        config, _ = load_config(["--config", os.path.join(REPO_ROOT, "train_configs", "llama3_8b_8layers_bench.toml"),
+                                 *overrides])
+        _, model_args = resolve_model_args(config, build_tokenizer(config.model))
+        validate_config(config, model_args)  # raises ConfigError naming the key
+        dims = ParallelDims.from_config(config.parallelism, world_size=1)
+        dims.validate_features(config.parallelism, config.compile, "cuda", master_weights=config.training.master_weights)
+        wanted = "fused" if name == "train_bf16_fused_adamw" else "triton"
+        assert resolve_implementation(config.optimizer.implementation, "cuda") in (wanted, "fused"), name
+        if name != "train_bf16_fused_adamw":  # the headline runs use our Triton AdamW step on CUDA
+            assert config.optimizer.implementation in ("auto", "triton"), (name, config.optimizer.implementation)
+        assert (config.training.master_weights == "split") == ("split" in name), name
+        assert config.float8.enable == ("fp8" in name), name
