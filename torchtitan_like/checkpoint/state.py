@@ -112,11 +112,11 @@ class ModelState:
         for part in self.model_parts:
             current = get_model_state_dict(part)
             own = {name: state_dict[name] for name in current}
-            remainders = {}
-            for name, param in self._split_params(part, current).items():
+            split_params, remainders = self._split_params(part, current), {}
+            for name in split_params:
                 own[name], remainders[name] = master_weights.split(own[name])
             set_model_state_dict(part, own, options=StateDictOptions(strict=True))
-            for name, param in self._split_params(part, current).items():
+            for name, param in split_params.items():
                 param._master_lo.copy_(remainders[name].to(param.device))
 
 
