@@ -6,7 +6,8 @@
 #   OURS_CMD="bash benchmarks/gpu_suite.sh" bash .anchor/run.sh   # beside TorchTitan (docs/benchmarks.md)
 # Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_split train_fp8_split
 # train_fp8_split_output_fp8 train_bf16_fused_adamw train_fp8_output_fp8 optimizer train_bf16_flash
-# float8 rmsnorm check_fp8_fsdp attention train_fp8_triton_norm train_bf16_triton_norm),
+# float8 rmsnorm check_fp8_fsdp attention train_fp8_recast_weight train_fp8_triton_norm
+# train_bf16_triton_norm),
 # SUITE_ONLY (the same names: run only these, in the suite's order),
 # SUITE_CONFIG (the training config; default train_configs/llama3_8b_8layers_bench.toml; a dry run
 # on CPU: SUITE_CONFIG=train_configs/debug_model.toml, the GPU-only benchmarks exit at once),
@@ -126,6 +127,11 @@ section float8 110 python3 benchmarks/bench_float8.py --quick --sections gemm,sw
 section rmsnorm 110 python3 benchmarks/bench_rmsnorm.py --json "$LOGS/rmsnorm.json"
 section check_fp8_fsdp 90 python3 benchmarks/check_float8_fsdp.py
 section attention 60 python3 benchmarks/bench_attention.py --json "$LOGS/attention.json"
+# float8.save_fp8_weight = auto keeps the forward's fp8 W^T for backward on one GPU: the same run
+# re-casting W in backward (the behaviour before it; the same bits, 1 B per weight element less).
+section train_fp8_recast_weight 130 "${BENCH[@]}" --label "float8 tensorwise, weight re-cast in backward ${ATTENTION[*]}" \
+  --json "$LOGS/train_fp8_recast_weight.json" --float8.enable --float8.recipe_name tensorwise \
+  --float8.save_fp8_weight never "${ATTENTION[@]}"
 section train_fp8_triton_norm 130 "${BENCH[@]}" --label "float8 tensorwise triton-rmsnorm ${ATTENTION[*]}" \
   --json "$LOGS/train_fp8_triton_norm.json" --model.norm_type triton_rmsnorm --float8.enable \
   --float8.recipe_name tensorwise "${ATTENTION[@]}"

@@ -90,7 +90,7 @@ def build_rank(config, parallel_dims: ParallelDims, rank: int, spec, model_args)
     if config.float8.enable:
         from torchtitan_like.kernels.float8 import convert_to_float8
 
-        convert_to_float8(model, config.float8)
+        convert_to_float8(model, config.float8, weights_sharded=parallel_dims.dp_shard > 1)
     if parallel_dims.pp_enabled:
         from torchtitan_like.losses import cross_entropy_loss
 

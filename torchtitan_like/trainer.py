@@ -137,7 +137,7 @@ class Trainer:
         if config.float8.enable:
             from torchtitan_like.kernels.float8 import convert_to_float8
 
-            convert_to_float8(model, config.float8)
+            convert_to_float8(model, config.float8, weights_sharded=self.parallel_dims.dp_shard > 1)
         # Split master weights compute in bf16 on any device (their tests run on CPU).
         on_gpu_or_split = self.device.type == "cuda" or self.split_master_weights
         self.param_dtype = _DTYPES[config.training.mixed_precision_param] if on_gpu_or_split else torch.float32

@@ -67,6 +67,9 @@ def validate_float8_config(float8_config, parallelism=None) -> None:
     all_gather = float8_config.enable_fsdp_float8_all_gather
     if all_gather and float8_config.recipe_name != "tensorwise":
         raise ConfigError("float8.enable_fsdp_float8_all_gather = true works only with recipe_name = \"tensorwise\".")
+    if float8_config.save_fp8_weight == "always" and float8_config.recipe_name != "tensorwise":
+        raise ConfigError('float8.save_fp8_weight = "always" works only with recipe_name = "tensorwise" (the rowwise '
+                          'backward casts the weight per column, with other scales than the forward); use "auto".')
     if float8_config.precompute_float8_dynamic_scale_for_fsdp and not all_gather:
         raise ConfigError("float8.precompute_float8_dynamic_scale_for_fsdp = true needs "
                           "float8.enable_fsdp_float8_all_gather = true (the scales are those of the fp8 all-gather).")
@@ -77,14 +80,19 @@ def validate_float8_config(float8_config, parallelism=None) -> None:
                           f"param dtype) or tensor_parallel_degree = 1.")
 
 
-def convert_to_float8(model: nn.Module, float8_config) -> int:
+def convert_to_float8(model: nn.Module, float8_config, weights_sharded: bool = False) -> int:
     """Replace eligible nn.Linear modules of `model` in place by Float8Linear; returns how many.
 
+    weights_sharded: FSDP will shard the weights (data_parallel_shard_degree > 1); then
+    `save_fp8_weight = "auto"` does not keep fp8 weights for backward, since FSDP frees each gathered
+    weight after forward and the fp8 copies would hold the unsharded size of every layer instead.
     Does nothing (returns 0) when float8_config.enable is false.
     """
     if not float8_config.enable:
         return 0
     validate_float8_config(float8_config)
+    save_fp8_weight = float8_config.recipe_name == "tensorwise" and (
+        float8_config.save_fp8_weight == "always" or (float8_config.save_fp8_weight == "auto" and not weights_sharded))
     filters = list(float8_config.filter_fqns or [])
     targets, skipped = [], []
     for fqn, module in model.named_modules():
@@ -100,7 +108,8 @@ def convert_to_float8(model: nn.Module, float8_config) -> int:
         parent_name, _, child_name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = Float8Linear.from_linear(getattr(parent, child_name), recipe=float8_config.recipe_name,
-                                         backend=float8_config.backend, emulate=float8_config.emulate)
+                                         backend=float8_config.backend, emulate=float8_config.emulate,
+                                         save_fp8_weight=save_fp8_weight)
         if float8_config.enable_fsdp_float8_all_gather:
             enable_float8_all_gather(layer)
         setattr(parent, child_name, layer)
@@ -108,7 +117,7 @@ def convert_to_float8(model: nn.Module, float8_config) -> int:
         logger.info(f"float8: kept {len(skipped)} linear layer(s) in high precision: {', '.join(skipped)}")
     logger.info(f"float8: swapped {len(targets)} nn.Linear -> Float8Linear "
                 f"(recipe={float8_config.recipe_name}, backend={float8_config.backend}, emulate={float8_config.emulate}, "
-                f"fsdp_float8_all_gather={float8_config.enable_fsdp_float8_all_gather})")
+                f"fsdp_float8_all_gather={float8_config.enable_fsdp_float8_all_gather}, save_fp8_weight={save_fp8_weight})")
     return len(targets)
 
 

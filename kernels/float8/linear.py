@@ -15,7 +15,9 @@ recipe "tensorwise" (one scale per tensor; torchao's TENSORWISE):
     One cast kernel writes x_fp8 and x_fp8^T (saved for wgrad, half the bytes of bf16 x) and one
     writes go_fp8 and go_fp8^T. W is saved in high precision (under FSDP that is the unsharded
     parameter, which FSDP frees and re-gathers) and re-cast transposed in backward with the forward
-    scale, so dgrad sees exactly the forward's fp8 weight.
+    scale, so dgrad sees exactly the forward's fp8 weight. With save_fp8_weight the forward cast
+    writes W^T too and that is saved instead: the same bits, without reading W a second time
+    (float8.save_fp8_weight; by default on when FSDP does not shard the weights).
 recipe "rowwise" (one scale per row of each GEMM operand, along its contraction dim; torchao's ROWWISE):
     e4m3fn for x, W and go. Per-row scales track each gradient row's range, so e4m3's extra
     mantissa bit is worth more than e5m2's range (torchao's choice as well).
@@ -125,18 +127,23 @@ class _Float8MatmulFn(torch.autograd.Function):
     """y = x @ W^T with x 2D; all three GEMMs in fp8 (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, recipe, backend, reduction):
+    def forward(ctx, x, weight, recipe, backend, reduction, save_fp8_weight):
         cast = _Quantizers(backend)
         group = _groups(reduction)
         ctx.recipe, ctx.backend, ctx.reduction = recipe, backend, reduction
+        ctx.weight_dtype = weight.dtype
         if recipe == "tensorwise":
             x_fp8, x_fp8_t, x_scale = cast.tensorwise(x, q.E4M3, "also", group=group["x"])
             if isinstance(weight, Float8GatheredWeight):  # FSDP2 gathered it in fp8 (fsdp.py)
                 # a copy: FSDP2 refreshes the gathered scale in place before backward
                 w_fp8, w_scale = weight._data, weight._scale.clone()
+                saved_weight = weight
+            elif save_fp8_weight:  # write W^T in fp8 now (one pass), so backward need not read W again
+                w_fp8, saved_weight, w_scale = cast.tensorwise(weight, q.E4M3, "also", group=group["weight"])
             else:
                 w_fp8, _, w_scale = cast.tensorwise(weight, q.E4M3, "no", group=group["weight"])
-            ctx.save_for_backward(x_fp8_t, x_scale, weight, w_scale)
+                saved_weight = weight
+            ctx.save_for_backward(x_fp8_t, x_scale, saved_weight, w_scale)
             return scaled_mm(x_fp8, w_fp8.t(), x_scale.reciprocal(), w_scale.reciprocal(), x.dtype, backend,
                              use_fast_accum=True)
         x_fp8, x_scale = cast.rowwise(x, q.E4M3, group["x"])
@@ -159,13 +166,15 @@ class _Float8MatmulFn(torch.autograd.Function):
             if need_dx:
                 if isinstance(weight, Float8GatheredWeight):  # same bits as re-casting with w_scale
                     w_fp8_t = weight._data.t().contiguous()  # (K, N)
+                elif weight.dtype == q.E4M3:  # the forward's W^T (save_fp8_weight)
+                    w_fp8_t = weight
                 else:
                     _, w_fp8_t, _ = cast.tensorwise(weight, q.E4M3, "only", scale=w_scale)  # (K, N)
                 dx = scaled_mm(go_fp8, w_fp8_t.t(), go_scale.reciprocal(), w_scale.reciprocal(), go.dtype, backend)
             if need_dw:
-                dw = scaled_mm(go_fp8_t, x_fp8_t.t(), go_scale.reciprocal(), x_scale.reciprocal(), weight.dtype,
+                dw = scaled_mm(go_fp8_t, x_fp8_t.t(), go_scale.reciprocal(), x_scale.reciprocal(), ctx.weight_dtype,
                                backend)
-            return dx, dw, None, None, None
+            return dx, dw, None, None, None, None
         x, weight = ctx.saved_tensors
         if need_dx:
             go_fp8, go_scale = cast.rowwise(go, q.E4M3, group["grad_output"])          # (M, N), (M, 1)
@@ -176,7 +185,7 @@ class _Float8MatmulFn(torch.autograd.Function):
             x_fp8_t, x_scale_t = cast.colwise_t(x, q.E4M3)         # (K, M), (K, 1)
             dw = scaled_mm(go_fp8_t, x_fp8_t.t(), go_scale_t.reciprocal(), x_scale_t.reciprocal().t(),
                            weight.dtype, backend)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def _groups(reduction: AmaxReduction | None) -> dict:
@@ -188,13 +197,15 @@ def _groups(reduction: AmaxReduction | None) -> dict:
 
 
 def float8_mm(x: torch.Tensor, weight: torch.Tensor, recipe: str = "tensorwise", backend: str = "triton",
-              reduction: AmaxReduction | None = None) -> torch.Tensor:
+              reduction: AmaxReduction | None = None, save_fp8_weight: bool = False) -> torch.Tensor:
     """Differentiable x (..., K) @ weight(N, K)^T in fp8; backend already resolved
-    ("triton" | "torch" | "emulate"); `reduction` for the local shards of a TP layer."""
+    ("triton" | "torch" | "emulate"); `reduction` for the local shards of a TP layer.
+    save_fp8_weight (tensorwise): keep the forward's fp8 W^T for dgrad instead of W (same bits)."""
     if recipe not in RECIPES:
         raise ValueError(f"float8 recipe must be one of {RECIPES}, got {recipe!r}")
     x2d = x.reshape(-1, x.shape[-1])
-    y = _Float8MatmulFn.apply(x2d if x2d.is_contiguous() else x2d.contiguous(), weight, recipe, backend, reduction)
+    y = _Float8MatmulFn.apply(x2d if x2d.is_contiguous() else x2d.contiguous(), weight, recipe, backend, reduction,
+                              save_fp8_weight and recipe == "tensorwise")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -220,23 +231,27 @@ class Float8Linear(nn.Linear):
 
     recipe: "tensorwise" | "rowwise"; backend: "auto" | "triton" | "torch"; emulate: dequantized
     fp32 matmuls and torch-reference casts (any device). "auto" is resolved per call from the
-    input's device (gemm.resolve_backend).
+    input's device (gemm.resolve_backend). save_fp8_weight (tensorwise): the forward cast also writes
+    W^T in fp8 and backward uses it, instead of reading W again to re-cast it (1 byte per weight
+    element held until backward; worth it when W stays resident anyway, i.e. not sharded by FSDP).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 recipe: str = "tensorwise", backend: str = "auto", emulate: bool = False):
+                 recipe: str = "tensorwise", backend: str = "auto", emulate: bool = False,
+                 save_fp8_weight: bool = False):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if recipe not in RECIPES:
             raise ValueError(f"float8 recipe must be one of {RECIPES}, got {recipe!r}")
         self.recipe, self.backend, self.emulate = recipe, backend, emulate
+        self.save_fp8_weight = save_fp8_weight
         self._warned_dtensor = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, recipe: str = "tensorwise", backend: str = "auto",
-                    emulate: bool = False) -> "Float8Linear":
+                    emulate: bool = False, save_fp8_weight: bool = False) -> "Float8Linear":
         """Wrap `linear`'s own Parameter objects (no copy); built on meta so nothing is allocated."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-                  recipe=recipe, backend=backend, emulate=emulate)
+                  recipe=recipe, backend=backend, emulate=emulate, save_fp8_weight=save_fp8_weight)
         new.weight = linear.weight
         new.bias = linear.bias
         return new
@@ -247,7 +262,7 @@ class Float8Linear(nn.Linear):
         backend = resolve_backend(self.backend, x.device, self.emulate)
         if _is_dtensor(self.weight) or _is_dtensor(x):
             return self._forward_tensor_parallel(x, backend)
-        y = float8_mm(x, self.weight, self.recipe, backend)
+        y = float8_mm(x, self.weight, self.recipe, backend, save_fp8_weight=self.save_fp8_weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _forward_tensor_parallel(self, x, backend: str):
@@ -271,17 +286,18 @@ class Float8Linear(nn.Linear):
             x = x.redistribute(mesh, [Replicate()])
             # every rank's dx is a partial sum over its slice of N
             y_local = float8_mm(x.to_local(grad_placements=[Partial()]), weight.to_local(), self.recipe, backend,
-                                reduction)
+                                reduction, self.save_fp8_weight)
             if self.bias is not None:
                 y_local = y_local + self.bias.to_local().to(y_local.dtype)
             return DTensor.from_local(y_local, mesh, [Shard(last_dim)], run_check=False)
         x = x.redistribute(mesh, [Shard(last_dim)])
-        y_local = float8_mm(x.to_local(), weight.to_local(), self.recipe, backend, reduction)
+        y_local = float8_mm(x.to_local(), weight.to_local(), self.recipe, backend, reduction, self.save_fp8_weight)
         y = DTensor.from_local(y_local, mesh, [Partial()], run_check=False)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.recipe}, backend={self.backend}, emulate={self.emulate}"
+        return (f"{super().extra_repr()}, recipe={self.recipe}, backend={self.backend}, emulate={self.emulate}, "
+                f"save_fp8_weight={self.save_fp8_weight}")
 
 
 def _is_dtensor(t) -> bool:

@@ -76,6 +76,37 @@ def test_bf16_input_gives_bf16_output_and_fp32_weight_grad():
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend,emulate", [("triton", False), ("auto", True)])
+def test_saving_the_fp8_weight_gives_the_same_bits_without_the_weight(backend, emulate):
+    torch.manual_seed(0)
+    plain = Float8Linear(32, 48, bias=False, recipe="tensorwise", backend=backend, emulate=emulate)
+    saving = Float8Linear(32, 48, bias=False, recipe="tensorwise", backend=backend, emulate=emulate,
+                          save_fp8_weight=True)
+    saving.weight = nn.Parameter(plain.weight.detach().clone())
+    x, grad_output = torch.randn(2, 9, 32), torch.randn(2, 9, 48)
+    for name, actual, expected in zip(("y", "dx", "dW"), _run(saving, x, grad_output), _run(plain, x, grad_output)):
+        assert torch.equal(actual, expected), name
+    # What backward holds: the forward's fp8 W^T (K, N) instead of the weight itself.
+    saved = {layer: layer(x).grad_fn.next_functions[0][0].saved_tensors for layer in (plain, saving)}  # under the reshape
+    assert any(t is plain.weight or t.data_ptr() == plain.weight.data_ptr() for t in saved[plain])
+    fp8_shapes = {layer: sorted(tuple(t.shape) for t in saved[layer] if t.dtype == q.E4M3) for layer in saved}
+    assert fp8_shapes[plain] == [(32, 18)] and fp8_shapes[saving] == [(32, 18), (32, 48)]  # x^T; x^T and W^T
+    assert all(t.data_ptr() != saving.weight.data_ptr() for t in saved[saving])
+
+
+def test_convert_chooses_when_to_save_fp8_weights():
+    def saves(weights_sharded, **options):
+        model = _Toy()
+        convert_to_float8(model, Float8(enable=True, emulate=True, **options), weights_sharded=weights_sharded)
+        return model.block["w1"].save_fp8_weight
+
+    assert saves(False) and not saves(True)  # auto: only when FSDP does not free the weight after forward
+    assert saves(True, save_fp8_weight="always") and not saves(False, save_fp8_weight="never")
+    assert not saves(False, recipe_name="rowwise")  # its backward casts W per column: nothing to reuse
+    with pytest.raises(ConfigError, match="save_fp8_weight"):
+        saves(False, recipe_name="rowwise", save_fp8_weight="always")
+
+
 class _Toy(nn.Module):
     def __init__(self):
         super().__init__()
@@ -157,12 +188,12 @@ def test_llama_training_with_emulated_float8_tracks_high_precision(recipe):
         assert abs(ours - reference) <= 0.05 * reference, (step, float8, baseline)
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_compiled_float8_linear_has_the_eager_gradients(recipe):
+@pytest.mark.parametrize("recipe,save_fp8_weight", [("tensorwise", False), ("tensorwise", True), ("rowwise", False)])
+def test_compiled_float8_linear_has_the_eager_gradients(recipe, save_fp8_weight):
     # torch 2.11's Dynamo zeroed every gradient when the autograd.Function returned an alias made
     # by a no-op .to() (emulated GEMM in fp32): the loss then barely moved under torch.compile.
     torch.manual_seed(0)
-    layer = Float8Linear(64, 32, bias=False, recipe=recipe, emulate=True)
+    layer = Float8Linear(64, 32, bias=False, recipe=recipe, emulate=True, save_fp8_weight=save_fp8_weight)
     x, grad_output = torch.randn(4, 64), torch.randn(4, 32)
     eager = _run(layer, x, grad_output)
     layer.weight.grad = None

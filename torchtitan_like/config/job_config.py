@@ -167,6 +167,7 @@ class Float8:
     enable_fsdp_float8_all_gather: bool = option(False, "All-gather FSDP weights in float8 (tensorwise only).")
     precompute_float8_dynamic_scale_for_fsdp: bool = option(False, "Compute FSDP float8 weight scales in one pass after the optimizer step.")
     emulate: bool = option(False, "Emulate float8 matmuls in high precision (for devices without FP8, e.g. CPU tests).")
+    save_fp8_weight: str = option("auto", "Tensorwise: keep the forward's transposed fp8 weight for backward instead of re-casting the weight (1 B per weight element until backward); auto = when FSDP does not shard the weights.", choices=("auto", "always", "never"))
 
 
 @dataclass
