@@ -263,7 +263,8 @@ class _TritonAdamStep:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        master_weights.zero_main_grads(param for group in self.param_groups for param in group["params"])
+        master_weights.zero_main_grads((param for group in self.param_groups for param in group["params"]),
+                                       set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):

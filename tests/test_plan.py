@@ -88,6 +88,14 @@ def test_cpu_offload_without_data_parallel_exits_2():
     assert "training.enable_cpu_offload = true offloads FSDP-sharded state" in result.stderr
 
 
+def test_split_master_weights_on_several_gpus_exits_2(capsys):
+    # The dry run makes the trainer's start-up checks: split master weights are for one process.
+    code, output = _plan(capsys, "--config", _config("debug_model.toml"), "--ngpu", "2",
+                         "--training.master_weights", "split")
+    assert code == 2, output
+    assert "master_weights = 'split' is for one process" in output
+
+
 def _estimate(layout_overrides=None, **config_overrides):
     from dataclasses import replace
 

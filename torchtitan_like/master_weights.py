@@ -124,7 +124,15 @@ def accumulate_gradients_in_fp32(model_parts: list[nn.Module]) -> list:
     return handles
 
 
-def zero_main_grads(params) -> None:
+def zero_main_grads(params, set_to_none: bool = True) -> None:
+    """Clear the fp32 accumulations as `Optimizer.zero_grad` clears `.grad`: drop them, or zero them
+    in place with set_to_none=False (the hook has freed `.grad`, so a parameter without a gradient in
+    the next step is still stepped with a zero one, as torch steps a zeroed `.grad`)."""
     for param in params:
-        if getattr(param, "main_grad", None) is not None:
+        main_grad = getattr(param, "main_grad", None)
+        if main_grad is None:
+            continue
+        if set_to_none:
             param.main_grad = None
+        else:
+            main_grad.zero_()

@@ -179,7 +179,8 @@ def plan(argv: list[str]) -> int:
     parallel_dims = ParallelDims.from_config(config.parallelism, options.ngpu)
     parallel_dims.validate_model(model_args, config.training, config.parallelism, config.validation)
     parallel_dims.validate_features(config.parallelism, config.compile, "cuda",
-                                  cpu_offload=config.training.enable_cpu_offload)
+                                  cpu_offload=config.training.enable_cpu_offload,
+                                  master_weights=config.training.master_weights)
     # Neither changes a shape or a saved tensor's size, and both would cost time or real devices:
     # async TP registers symmetric memory with an NCCL group; compile imports and sets up Dynamo.
     config.parallelism.enable_async_tensor_parallel = False

@@ -9,6 +9,7 @@ differs from torch's cast (ties of the low 16 bits, away from zero instead of to
 reference too (`master_weights.split`).
 """
 
+import copy
 import os
 import shutil
 
@@ -311,3 +312,36 @@ def test_a_split_run_resumes_bit_for_bit_and_its_checkpoint_resumes_a_float32_ru
     assert fp32_dtypes == {torch.float32}
     assert fp32_losses[:2] == straight_losses[:2]  # the saved history of the first two steps
     assert abs(fp32_losses[2] - straight_losses[2]) < 0.05
+
+
+def test_zero_grad_without_set_to_none_steps_a_parameter_without_gradient_as_without_accumulation():
+    """zero_grad(set_to_none=False) keeps zeroed gradients, so torch's optimizers still step a
+    parameter that gets no gradient (its momentum moves it). With the fp32 accumulation the hook has
+    freed `.grad`: `main_grad` must be zeroed, not dropped, or that parameter silently stops."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"first": torch.nn.Linear(8, 8, bias=False),
+                                 "second": torch.nn.Linear(8, 8, bias=False)})
+    inputs = torch.randn(4, 8).bfloat16()
+    results = []
+    for accumulate in (False, True):
+        module = copy.deepcopy(model)
+        master_weights.convert_to_split([module])
+        if accumulate:
+            master_weights.accumulate_gradients_in_fp32([module])
+        optimizer = TritonAdamW(list(module.parameters()), lr=0.1, weight_decay=0.1)
+        for step in range(3):
+            optimizer.zero_grad(set_to_none=False)
+            hidden = module["first"](inputs)
+            if step == 0:  # the second layer takes part in the first step only
+                hidden = module["second"](hidden)
+            hidden.float().square().sum().backward()
+            optimizer.step()
+        second = module["second"].weight
+        if accumulate:
+            optimizer.zero_grad(set_to_none=False)
+            main_grad = getattr(second, "main_grad", None)
+            assert main_grad is not None and main_grad.dtype == torch.float32 and not main_grad.any()
+        results.append((master_weights.master_value(second), optimizer.state[second]["step"].item()))
+    (plain_value, plain_steps), (accumulated_value, accumulated_steps) = results
+    assert plain_steps == accumulated_steps == 3
+    assert torch.equal(accumulated_value, plain_value)
