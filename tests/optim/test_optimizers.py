@@ -79,6 +79,17 @@ def test_a_checkpoint_from_another_implementation_resumes_on_this_runs_kernel():
     assert all(group["foreach"] and not group["fused"] for group in optimizer.param_groups)
 
 
+def test_switching_adamw_to_adam_on_resume_drops_the_decoupled_decay():
+    # Loading restores the saved groups' decoupled_weight_decay: the "Adam" run kept AdamW's decay.
+    model, optimizer_state, scheduler_state = _train_and_save(Optimizer(name="AdamW", weight_decay=0.1), steps=1)
+    adam = Optimizer(name="Adam", weight_decay=0.1)
+    optimizer, scheduler = _resume(adam, model, optimizer_state, scheduler_state)
+    assert all(group["decoupled_weight_decay"] for group in optimizer.param_groups)  # what loading alone leaves
+    lines = reapply_optimizer_config(optimizer, scheduler, adam)
+    assert not any(group["decoupled_weight_decay"] for group in optimizer.param_groups)
+    assert "optimizer.decoupled_weight_decay (AdamW) changed on resume: true -> false" in lines
+
+
 def test_auto_implementation_is_triton_on_cuda_fused_without_triton_and_foreach_on_cpu(monkeypatch):
     from torchtitan_like.kernels import adamw
     from torchtitan_like.optim.optimizers import resolve_implementation

@@ -28,7 +28,8 @@ message naming the file, the key and what is allowed.
   `c4_test` folder loads as `dataset = "local"`, `dataset_path = ".../c4_test"`).
 - `model.tokenizer` chooses the tokenizer kind (`auto` detects it from `hf_assets_path`);
   `model.vocab_size` may pad the vocabulary; `model.norm_type` selects the Triton RMSNorm.
-- `lr_scheduler.decay_type` adds `cosine` and `constant`; `decay_ratio = -1` decays over all steps after warmup.
+- `lr_scheduler.decay_type` adds `constant` and defaults to `cosine` (TorchTitan: `linear`); `decay_ratio = -1`
+  decays over all steps after warmup.
 - `metrics.peak_flops` overrides the device peak used for MFU; `training.device` forces cpu or cuda.
 - `validation.dataset` uses the same source kinds; `builtin` is the built-in corpus's held-out split.
 - `activation_checkpoint.mode` defaults to `none` (TorchTitan: `selective`).

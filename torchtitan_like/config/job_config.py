@@ -87,7 +87,7 @@ class Training:
     seq_len: int = option(2048, "Tokens per sample.", ge=2)
     max_norm: float = option(1.0, "Gradient clipping by global norm; 0 disables clipping.", ge=0.0)
     steps: int = option(10000, "Optimizer steps to train.", ge=1)
-    mixed_precision_param: str = option("bfloat16", "Parameter/compute dtype on GPU (CPU always trains in float32); "
+    mixed_precision_param: str = option("bfloat16", "Parameter/compute dtype on GPU, and on CPU with master_weights = split (CPU otherwise trains in float32); "
                                         "no float16: it needs loss scaling, which bfloat16 does not.",
                                         choices=("bfloat16", "float32"))
     mixed_precision_reduce: str = option("float32", "Gradient reduction dtype under FSDP.",

@@ -95,6 +95,11 @@ def reapply_optimizer_config(optimizer: torch.optim.Optimizer, lr_scheduler: tor
         for flag in ("fused", "foreach"):
             if flag in optimizer.defaults:
                 group[flag] = optimizer.defaults[flag]
+        # Loading also restores `decoupled_weight_decay`, which is what makes torch's Adam an AdamW:
+        # a run resumed with optimizer.name changed would otherwise keep the checkpoint's decay.
+        if "decoupled_weight_decay" in optimizer.defaults:
+            apply(group, "decoupled_weight_decay", "decoupled_weight_decay (AdamW)",
+                  optimizer.defaults["decoupled_weight_decay"])
         decayed = any(param.ndim >= 2 for param in group["params"])
         apply(group, "weight_decay", "weight_decay", optimizer_config.weight_decay if decayed else 0.0)
         apply(group, "betas", "beta1, beta2", (optimizer_config.beta1, optimizer_config.beta2))
@@ -113,4 +118,6 @@ def reapply_optimizer_config(optimizer: torch.optim.Optimizer, lr_scheduler: tor
 
 
 def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     return ", ".join(f"{item:g}" for item in value) if isinstance(value, tuple) else f"{value:g}"
