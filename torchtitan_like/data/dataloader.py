@@ -25,7 +25,8 @@ from torchtitan_like.data.builtin_corpus import load_builtin_documents
 from torchtitan_like.data.packing import PackedSamples, TokenStream, collate_samples, encode_corpus
 from torchtitan_like.data.sampler import ShardedSampler
 from torchtitan_like.data.shards import ShardMetadata, load_token_shards
-from torchtitan_like.data.sources import iter_documents, iter_huggingface_documents, resolve_corpus_files
+from torchtitan_like.data.sources import (check_huggingface_path, iter_documents, iter_huggingface_documents,
+                                          resolve_corpus_files)
 from torchtitan_like.data.tokenizers import Tokenizer
 from torchtitan_like.errors import DataError
 
@@ -85,6 +86,8 @@ def check_dataset_paths(job_config: Any) -> None:
             resolve_corpus_files(settings.path)
         elif settings.dataset == "tokenized":
             ShardMetadata.load(Path(settings.path))
+        elif settings.dataset == "huggingface":
+            check_huggingface_path(settings.path)
 
 
 @functools.lru_cache(maxsize=4)

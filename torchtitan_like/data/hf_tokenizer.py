@@ -39,7 +39,9 @@ class HFTokenizer(Tokenizer):
         if not hasattr(self._tokenizer, "encode_special_tokens"):
             raise DataError(f"reading {path} needs tokenizers >= 0.15 (encode_special_tokens): pip install -U tokenizers")
         self._tokenizer.encode_special_tokens = True
-        self._vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        # One past the highest id, not the number of tokens (get_vocab_size): a vocabulary with unused
+        # ids would otherwise give an embedding too small for its ids and a uint16 shard dtype that wraps them.
+        self._vocab_size = max(self._tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         config = _read_tokenizer_config(Path(path).with_name("tokenizer_config.json"))
         self._bos_id = self._special_id("bos", config.get("bos_token"), COMMON_BOS_TOKENS)
         self._eos_id = self._special_id("eos", config.get("eos_token"), COMMON_EOS_TOKENS)

@@ -102,7 +102,9 @@ def prepare(args: argparse.Namespace) -> ShardMetadata:
     """Tokenize into a staging folder beside `--output` and move the result in only when it is
     complete: a wrong --input, bad data or an interrupted run leaves a dataset already there intact."""
     tokenizer: Tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path)
-    output = Path(args.output)
+    output = Path(args.output).resolve()  # "." or "out/.." have no name to put ".partial" after
+    if output.exists() and not output.is_dir():
+        raise DataError(f"--output {args.output} is a file; expected a folder for the shards")
     staging = output.with_name(output.name + STAGING_SUFFIX)
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run that did not finish
     staging.mkdir(parents=True)

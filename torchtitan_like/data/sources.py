@@ -6,7 +6,8 @@ Conventions:
 - a `.jsonl` file holds one JSON object per line, the document in `text_field`; blank lines are skipped;
 - a `.parquet` file holds one document per row in the column `text_field` (needs pyarrow);
 - a folder is searched recursively for those suffixes, a glob may use `**`; files are read in sorted
-  path order so every rank and every run sees the same document order;
+  path order so every rank and every run sees the same document order; hidden files and folders
+  (`.ipynb_checkpoints/` copies, ...) are skipped, as a glob skips them;
 - empty documents (and null parquet cells) are skipped.
 Every problem is a DataError naming the file, and the line or byte offset where one applies.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +25,7 @@ from torchtitan_like.errors import DataError, did_you_mean
 # .json is read as JSON lines (one object per line), as TorchTitan's c4_test folder holds it
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _GLOB_CHARACTERS = "*?["
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 PARQUET_BATCH_ROWS = 4096
 HF_BATCH_ROWS = 1024
 
@@ -51,10 +54,16 @@ def resolve_corpus_files(path_spec: str) -> list[Path]:
                             f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
         return [path]
     files = sorted(file for file in path.rglob("*")
-                   if file.is_file() and _suffix(file) in SUPPORTED_SUFFIXES and not file.name.startswith("."))
+                   if file.is_file() and _suffix(file) in SUPPORTED_SUFFIXES and not _is_hidden(file, path))
     if not files:
         raise DataError(f"corpus folder {path} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
     return files
+
+
+def _is_hidden(file: Path, folder: Path) -> bool:
+    """A file under `folder` that is hidden or inside a hidden folder (`.ipynb_checkpoints/data.jsonl`
+    is a copy of the data: reading it would train on those documents twice)."""
+    return any(part.startswith(".") for part in file.relative_to(folder).parts)
 
 
 def iter_documents(path_spec: str, text_field: str = "text") -> Iterator[str]:
@@ -120,6 +129,11 @@ def _text_of(record: object, text_field: str, where: str) -> str:
         return ""
     if not isinstance(text, str):
         raise DataError(f'{where}: field "{text_field}" holds {type(text).__name__}, expected a string')
+    # JSON may escape a lone UTF-16 surrogate ("\ud83d" without its pair): no tokenizer can encode it.
+    surrogate = None if text.isascii() else _SURROGATE.search(text)
+    if surrogate:
+        raise DataError(f'{where}: field "{text_field}" holds a lone surrogate \\u{ord(surrogate.group()):04x} at '
+                        f"character {surrogate.start()}, which is not valid Unicode; fix or drop the record")
     return text
 
 
@@ -143,6 +157,17 @@ def _read_parquet(file: Path, text_field: str) -> Iterator[str]:
             yield text or ""
 
 
+def check_huggingface_path(name_or_path: str) -> None:
+    """DataError when `name_or_path` is empty, or is a local path (it starts with / or ., or has more
+    than the one slash of a Hub name "owner/name") that does not exist; cheap, no `datasets` import."""
+    if not name_or_path:
+        raise DataError('dataset "huggingface" needs dataset_path: a dataset name or a save_to_disk folder')
+    looks_local = name_or_path.startswith(("/", ".")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).exists():
+        raise DataError(f'dataset "huggingface" path {name_or_path} does not exist; expected a save_to_disk '
+                        f"folder, a data folder or a Hub dataset name")
+
+
 def iter_huggingface_documents(name_or_path: str, text_field: str, split: str) -> Iterator[str]:
     """Documents of a Hugging Face dataset: a folder written by `save_to_disk`, or a name/path that
     `datasets.load_dataset` understands (which may use the network or the HF cache; that is the
@@ -152,8 +177,7 @@ def iter_huggingface_documents(name_or_path: str, text_field: str, split: str) -
     except ImportError:
         raise DataError(f'dataset "huggingface" ({name_or_path}) needs the datasets package: pip install datasets; '
                         f'or export it to .jsonl/.parquet and use dataset "local"') from None
-    if not name_or_path:
-        raise DataError('dataset "huggingface" needs dataset_path: a dataset name or a save_to_disk folder')
+    check_huggingface_path(name_or_path)
     if Path(name_or_path).is_dir() and ((Path(name_or_path) / "dataset_info.json").exists()
                                         or (Path(name_or_path) / "dataset_dict.json").exists()):
         dataset = datasets.load_from_disk(name_or_path)
@@ -164,6 +188,8 @@ def iter_huggingface_documents(name_or_path: str, text_field: str, split: str) -
     else:
         try:
             dataset = datasets.load_dataset(name_or_path, split=split)
+        except FileNotFoundError as error:  # also datasets' DatasetNotFoundError (no such dataset on the Hub)
+            raise DataError(f'dataset "huggingface" {name_or_path} not found: {error}') from None
         except ValueError as error:  # datasets: 'Unknown split "x". Should be one of [...]'
             if "split" not in str(error).lower():
                 raise
