@@ -204,7 +204,7 @@ class Validation:
                           choices=("builtin", "local", "tokenized", "huggingface"))
     dataset_path: str = option("", "Validation corpus path (as training.dataset_path).")
     local_batch_size: int = option(8, "Samples per rank per validation step.", ge=1)
-    seq_len: int = option(-1, "Tokens per validation sample; -1 uses training.seq_len.", ge=-1)
+    seq_len: int = option(-1, "Tokens per validation sample (at least 2); -1 uses training.seq_len.", ge=-1)
     freq: int = option(100, "Validate every this many steps.", ge=1)
     steps: int = option(10, "Validation batches per evaluation; -1 runs the whole split.", ge=-1)
 

@@ -37,6 +37,8 @@ def validate_config(config, model_args) -> None:
     if training.seq_len > model_args.max_seq_len:
         raise ConfigError(f"training.seq_len = {training.seq_len} exceeds the model's maximum sequence length "
                           f"{model_args.max_seq_len} ({config.model.name} {config.model.flavor})")
+    if config.validation.seq_len in (0, 1):  # as training.seq_len: an input and a shifted label need 2 tokens
+        raise ConfigError(f"validation.seq_len = {config.validation.seq_len}: use -1 (training.seq_len) or at least 2")
     val_seq_len = config.validation.seq_len if config.validation.seq_len != -1 else training.seq_len
     if config.validation.enable and val_seq_len > model_args.max_seq_len:
         raise ConfigError(f"validation.seq_len = {val_seq_len} exceeds the model's maximum sequence length "
