@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="after the timed window, profile this many more steps (0: none)")
     parser.add_argument("--profile-top", type=int, default=15, help="kernels listed by total time in the profile")
     args, overrides = parser.parse_known_args(argv)
+    if not 0 <= args.warmup < args.steps:  # else no step is timed and tokens/s divides ~0 s by one step
+        parser.error(f"--warmup {args.warmup} must be at least 0 and less than --steps {args.steps} "
+                     f"(the steps timed are steps - warmup)")
 
     from torchtitan_like.config import load_config
     from torchtitan_like.logging import init_logger

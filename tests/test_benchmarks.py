@@ -1,6 +1,7 @@
 """The benchmark scripts run where CI runs: throughput and the step profile on the debug model print
 their tables and JSON; the GPU-only kernel benchmarks exit cleanly without CUDA."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -214,3 +215,19 @@ def test_every_gpu_suite_training_run_passes_the_start_up_checks_of_the_benchmar
             assert config.optimizer.implementation in ("auto", "triton"), (name, config.optimizer.implementation)
         assert (config.training.master_weights == "split") == ("split" in name), name
         assert config.float8.enable == ("fp8" in name), name
+
+
+def _throughput_module():
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO_ROOT, "benchmarks", "throughput.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("steps,warmup", [(10, 10), (5, 10), (4, -1)])
+def test_throughput_refuses_a_warmup_that_leaves_no_timed_step(steps, warmup, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _throughput_module().main(["--config", "train_configs/debug_model.toml", "--steps", str(steps),
+                                   "--warmup", str(warmup)])
+    assert exit_info.value.code == 2
+    assert "--warmup" in capsys.readouterr().err

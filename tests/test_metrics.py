@@ -1,5 +1,8 @@
 """Metrics: peak-FLOPs lookup, MFU arithmetic, the log line and CPU's n/a."""
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -36,11 +39,65 @@ def test_cpu_reports_mfu_as_not_available(tmp_path):
 
 def test_eta_after_a_resume_counts_only_the_steps_this_process_ran(tmp_path):
     metrics = MetricsLogger(Metrics(enable_tensorboard=False), str(tmp_path), torch.device("cpu"), 1000, 1000, 0)
-    metrics.start_time -= 2.0  # this process ran 10 steps in 2 s, after resuming at step 890
-    for _ in range(10):
+    metrics.record_step(tokens=10, data_seconds=0.0)  # step 891, the first after resuming at step 890
+    metrics.first_step_end -= 1.8  # then 9 more steps in 1.8 s
+    for _ in range(9):
         metrics.record_step(tokens=10, data_seconds=0.0)
     result = metrics.log(900, 2.0, 1.0, 1e-3)
     assert result.eta_seconds == pytest.approx(100 * 0.2, rel=0.05)  # 100 steps left at 0.2 s
+
+
+def test_eta_leaves_out_the_first_step_which_carries_compilation(tmp_path):
+    metrics = MetricsLogger(Metrics(enable_tensorboard=False), str(tmp_path), torch.device("cpu"), 1000, 1000, 0)
+    metrics.start_time -= 61.8  # the first step took 60 s (compilation), the next 9 steps 0.2 s each
+    metrics.record_step(tokens=10, data_seconds=0.0)
+    metrics.first_step_end -= 1.8
+    for _ in range(9):
+        metrics.record_step(tokens=10, data_seconds=0.0)
+    result = metrics.log(10, 2.0, 1.0, 1e-3)
+    assert result.eta_seconds == pytest.approx(990 * 0.2, rel=0.05)  # not 990 x 6.18 s
+
+
+def test_first_logged_step_estimates_the_eta_from_that_step(tmp_path):
+    metrics = MetricsLogger(Metrics(enable_tensorboard=False), str(tmp_path), torch.device("cpu"), 1000, 11, 0)
+    metrics.start_time -= 5.0
+    metrics.record_step(tokens=10, data_seconds=0.0)
+    assert metrics.log(1, 2.0, 1.0, 1e-3).eta_seconds == pytest.approx(10 * 5.0, rel=0.05)
+
+
+def test_validation_time_is_left_out_of_the_training_window(tmp_path):
+    metrics = MetricsLogger(Metrics(enable_tensorboard=False), str(tmp_path), torch.device("cpu"), 1000, 100, 0)
+    window_start, start_time = metrics.window_start, metrics.start_time
+    before = time.perf_counter()
+    with metrics.untimed():
+        time.sleep(0.01)  # stands for a validation pass
+    after = time.perf_counter()
+    assert 0.01 <= metrics.window_start - window_start <= after - before
+    assert metrics.start_time == start_time  # the ETA still counts it: validation recurs
+
+
+def test_resumed_run_replaces_the_tensorboard_steps_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = Metrics(enable_tensorboard=True, save_tb_folder="tb")
+    interrupted = MetricsLogger(config, str(tmp_path), torch.device("cpu"), 1000, 8, 0)
+    for step in range(1, 7):  # logged steps 1-6, its last checkpoint at step 4
+        interrupted.record_step(tokens=10, data_seconds=0.0)
+        interrupted.log(step, loss=10.0 + step, grad_norm=1.0, lr=1e-3)
+    interrupted.close()
+    (first_file,) = os.listdir(tmp_path / "tb")  # named to sort first, as an earlier run's file does
+    os.rename(tmp_path / "tb" / first_file, tmp_path / "tb" / "events.out.tfevents.1.interrupted")
+    resumed = MetricsLogger(config, str(tmp_path), torch.device("cpu"), 1000, 8, 0)
+    for step in range(5, 9):  # the same job resumed from step 4
+        resumed.record_step(tokens=10, data_seconds=0.0)
+        resumed.log(step, loss=20.0 + step, grad_norm=1.0, lr=1e-3)
+        resumed.log_validation(step, 3.0)
+    resumed.close()
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    losses = [(event.step, event.value) for event in accumulator.Scalars("loss_metrics/global_avg_loss")]
+    assert losses == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 25.0), (6, 26.0), (7, 27.0), (8, 28.0)]
+    assert [event.step for event in accumulator.Scalars("validation_metrics/loss")] == [5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("tp,pp,dp_shard,expected", [(1, 1, 2, 1024), (2, 1, 1, 512), (2, 2, 2, 256)])

@@ -1,5 +1,7 @@
 """Validation: every evaluation scores the same first `validation.steps` batches of the split."""
 
+import time
+
 import pytest
 
 from tests.helpers import tiny_overrides
@@ -23,3 +25,11 @@ def test_repeated_evaluations_of_the_same_weights_agree(trainer):
     # Exactly validation.steps batches were read, none fetched and dropped.
     assert trainer.val_dataloader.sampler.yielded_in_epoch == 3 * 2
 
+
+def test_validation_time_is_left_out_of_the_next_training_log_line(trainer):
+    window_start = trainer.metrics.window_start
+    before = time.perf_counter()
+    trainer.validate()
+    after = time.perf_counter()
+    # The window of the next log line (tokens/s, MFU, data share) starts later by the validation's time.
+    assert 0 < trainer.metrics.window_start - window_start <= after - before

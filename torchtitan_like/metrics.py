@@ -8,6 +8,7 @@ no sparsity) or `metrics.peak_flops`; on a CPU MFU is reported as n/a rather tha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -93,6 +94,10 @@ class MetricsLogger:
         self._reset_window(time.perf_counter())
         self.start_time = time.perf_counter()
         self.steps_run = 0  # by this process: a resumed run's restored steps took no time here
+        # End of this process's first step, which carries compilation and warm-up: the ETA's time per
+        # step is measured after it, else a 60 s compile would inflate the ETA for hundreds of steps.
+        self.first_step_end: float | None = None
+        self._tensorboard_started = False  # whether this process has written a scalar yet
 
     def _reset_window(self, now: float) -> None:
         self.window_start, self.window_tokens, self.window_data_time = now, 0, 0.0
@@ -103,6 +108,8 @@ class MetricsLogger:
         """Count the tokens this device processed in one optimizer step (its share of its data-parallel
         rank's batch) and the time spent waiting on data."""
         self.steps_run += 1
+        if self.steps_run == 1:
+            self.first_step_end = time.perf_counter()
         self.window_tokens += tokens
         self.window_data_time += data_seconds
 
@@ -121,7 +128,10 @@ class MetricsLogger:
             peak = torch.cuda.max_memory_reserved(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
             memory_gib, memory_pct = peak / 2**30, 100.0 * peak / total
-        seconds_per_step = (now - self.start_time) / max(self.steps_run, 1)
+        if self.steps_run > 1:
+            seconds_per_step = (now - self.first_step_end) / (self.steps_run - 1)
+        else:
+            seconds_per_step = now - self.start_time
         metrics = StepMetrics(step=step, loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_second=tokens_per_second,
                               mfu=mfu, memory_gib=memory_gib, memory_pct=memory_pct,
                               data_time_share=100.0 * self.window_data_time / elapsed,
@@ -141,9 +151,32 @@ class MetricsLogger:
             scalars["memory/max_reserved(GiB)"] = m.memory_gib
             scalars["memory/max_reserved(%)"] = m.memory_pct
         scalars.update(m.extra)
+        self._add_scalars(scalars, m.step)
+
+    def _add_scalars(self, scalars: dict, step: int) -> None:
+        if not self._tensorboard_started:
+            # A run resumed from a checkpoint logs again the steps after it that the interrupted run had
+            # logged; a session start at the first step this process runs makes TensorBoard drop those
+            # older values instead of showing the curve going back (what SummaryWriter's purge_step writes).
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            first_step = step - self.steps_run + 1 if self.steps_run else step
+            self.writer.file_writer.add_event(Event(step=first_step, session_log=SessionLog(status=SessionLog.START)))
+            self._tensorboard_started = True
         for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, m.step)
+            self.writer.add_scalar(tag, value, step)
         self.writer.flush()
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """Leave the time spent inside (validation) out of the training window, so tokens/s, MFU and the
+        data share of the next log line measure training only (TorchTitan restarts its window after
+        validation too). The ETA still counts it: validation recurs until the end."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - start
 
     def log_validation(self, step: int, loss: float) -> None:
         import math
@@ -151,9 +184,7 @@ class MetricsLogger:
         perplexity = math.exp(min(loss, 50.0))
         logger.info(f"validation step {step}: loss {loss:.4f}  perplexity {perplexity:.2f}")
         if self.writer is not None:
-            self.writer.add_scalar("validation_metrics/loss", loss, step)
-            self.writer.add_scalar("validation_metrics/perplexity", perplexity, step)
-            self.writer.flush()
+            self._add_scalars({"validation_metrics/loss": loss, "validation_metrics/perplexity": perplexity}, step)
 
     def close(self) -> None:
         if self.writer is not None:

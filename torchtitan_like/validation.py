@@ -16,6 +16,12 @@ def evaluate(trainer) -> float:
     """Mean loss over the first `validation.steps` batches of the split (-1: the whole split), averaged
     over DP ranks. Every evaluation scores the same batches, so the curve shows the model's progress,
     not a change of data."""
+    # Validation is not training: its time stays out of the next log line's tokens/s and MFU.
+    with trainer.metrics.untimed():
+        return _mean_loss(trainer)
+
+
+def _mean_loss(trainer) -> float:
     steps = trainer.config.validation.steps
     for part in trainer.model_parts:
         part.eval()
