@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ COMPLETE_MARKER = ".complete"
 TMP_SUFFIX = ".tmp"
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 _TMP_FOLDER = re.compile(r"^step-(\d+)\.tmp$")
+_REPLACED_FOLDER = re.compile(r"^step-(\d+)\.replaced\.tmp$")
 EXPORT_FOLDER = "export"
 
 
@@ -63,8 +65,11 @@ def ensure_writable(root: str) -> None:
     """Create `root` and a probe file in it, so an unwritable folder fails before training starts."""
     try:
         os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, f".write-probe-{os.getpid()}")
-        with open(probe, "w") as probe_file:
+        # A name no other rank can hold (mkstemp creates it exclusively): ranks on other nodes share
+        # the folder and may have the same pid (a container per node), and a shared name let one
+        # rank delete another's probe, which then failed as "not writable".
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=root)
+        with os.fdopen(handle, "w") as probe_file:
             probe_file.write("ok")
         os.remove(probe)
     except OSError as error:
@@ -174,10 +179,32 @@ def resolve_checkpoint(path: str) -> CheckpointFolder:
     return found[-1]
 
 
+def _recover_interrupted_replace(root: str) -> None:
+    """A crash between the two renames of `commit` replacing a step leaves no `step-N`, only the old
+    copy (`step-N.replaced.tmp`) and the new one (`step-N.tmp`, marker written): put the new one in
+    place if it is complete, else the old one, instead of deleting both with the stale folders."""
+    for name in os.listdir(root):
+        match = _REPLACED_FOLDER.match(name)
+        if not match or os.path.exists(step_folder(root, int(match.group(1)))):
+            continue
+        step = int(match.group(1))
+        for candidate in (tmp_folder(root, step), os.path.join(root, name)):
+            try:
+                check_complete(candidate)
+            except DataError:
+                continue
+            os.rename(candidate, step_folder(root, step))
+            warnings.warn(f"restored {step_folder(root, step)} from {os.path.basename(candidate)}, left by a save "
+                          f"that replaced it and was cut off", stacklevel=3)
+            break
+
+
 def remove_stale_tmp(root: str) -> list[str]:
-    """Rank 0 at start-up, before any save of this run: delete `step-N.tmp` folders of crashed saves."""
+    """Rank 0 at start-up, before any save of this run: delete `step-N.tmp` folders of crashed saves
+    (after restoring a step whose replacement was cut off between its two renames)."""
     removed = []
     if os.path.isdir(root):
+        _recover_interrupted_replace(root)
         for name in os.listdir(root):
             if _TMP_FOLDER.match(name) or name.endswith(".replaced" + TMP_SUFFIX):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
@@ -185,16 +212,23 @@ def remove_stale_tmp(root: str) -> list[str]:
     return removed
 
 
-def apply_retention(root: str, keep_latest_k: int) -> list[str]:
-    """Delete complete checkpoints older than the newest `keep_latest_k`; 0 keeps all.
+def apply_retention(root: str, keep_latest_k: int, keep_step: int | None = None) -> list[str]:
+    """Delete complete checkpoints older than the newest `keep_latest_k` full ones; 0 keeps all.
 
     Only complete folders are counted and deleted: an incomplete one may be a save in progress or
-    evidence of a crash worth inspecting, and the newest complete checkpoint is always kept.
+    evidence of a crash worth inspecting, and the newest complete checkpoint is always kept. Only
+    full checkpoints count towards k (a model-only step folder cannot resume the run, so it must not
+    push a full one out), and `keep_step`, the step just saved, is never deleted: a run resumed
+    from an older step (`load_step`) saves below checkpoints it left behind.
     """
     if keep_latest_k <= 0:
         return []
     complete = complete_checkpoints(root, warn=False)
-    doomed = complete[:-keep_latest_k] if len(complete) > keep_latest_k else []
+    full = [folder for folder in complete if not folder.model_only]
+    if len(full) <= keep_latest_k:
+        return []
+    oldest_kept = full[-keep_latest_k].step
+    doomed = [folder for folder in complete if folder.step < oldest_kept and folder.step != keep_step]
     for folder in doomed:
         shutil.rmtree(folder.path, ignore_errors=True)
     return [folder.path for folder in doomed]

@@ -58,25 +58,42 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def check_model_shapes(model_state: dict[str, torch.Tensor], metadata: Metadata, checkpoint_path: str,
+def check_model_shapes(model_state: dict[str, torch.Tensor | tuple[int, ...]], metadata: Metadata, checkpoint_path: str,
                        prefix: str = "model.") -> None:
-    """UserError naming every model tensor that is missing from the checkpoint or has another shape."""
+    """UserError naming every model tensor that is missing from the checkpoint or has another shape,
+    and every model tensor of the checkpoint that the model lacks (e.g. more layers). `model_state`
+    is the whole model (under pipeline parallel: every stage's, see `_global_model_shapes`)."""
     saved = metadata.state_dict_metadata
     missing, mismatched = [], []
     for name, value in model_state.items():
-        entry = saved.get(prefix + name)
+        entry, shape = saved.get(prefix + name), tuple(getattr(value, "shape", value))
         if not isinstance(entry, TensorStorageMetadata):
             missing.append(name)
-        elif tuple(entry.size) != tuple(value.shape):
-            mismatched.append(f"{name}: checkpoint {tuple(entry.size)} vs model {tuple(value.shape)}")
-    if not missing and not mismatched:
+        elif tuple(entry.size) != shape:
+            mismatched.append(f"{name}: checkpoint {tuple(entry.size)} vs model {shape}")
+    unexpected = sorted(key[len(prefix):] for key in saved
+                        if key.startswith(prefix) and key[len(prefix):] not in model_state)
+    if not missing and not mismatched and not unexpected:
         return
     lines = [f"checkpoint {checkpoint_path} does not fit the model (different model config or flavor?)"]
     if mismatched:
         lines.append(f"{len(mismatched)} tensor(s) of another shape:\n  " + "\n  ".join(mismatched[:20]))
     if missing:
         lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: " + ", ".join(missing[:20]))
+    if unexpected:
+        lines.append(f"{len(unexpected)} tensor(s) of the checkpoint not in the model: " + ", ".join(unexpected[:20]))
     raise UserError("\n".join(lines))
+
+
+def _global_model_shapes(model_state: dict[str, torch.Tensor], group=None) -> dict[str, tuple[int, ...]]:
+    """The (global) shape of every model tensor held by any rank: under pipeline parallel a rank
+    holds only its stages, and every rank must judge the whole model alike (and raise alike)."""
+    shapes = {name: tuple(value.shape) for name, value in model_state.items()}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return shapes
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, shapes, group=group)
+    return {name: shape for rank_shapes in gathered for name, shape in rank_shapes.items()}
 
 
 def _fit_to_checkpoint(template: dict, metadata: Metadata, prefix: str, what: str) -> dict:
@@ -240,7 +257,7 @@ class CheckpointManager:
         if self.rank == 0:
             folders.commit(tmp_path, final_path, step, self.world_size, model_only)
             if not model_only:
-                folders.apply_retention(self.root, self.config.keep_latest_k)
+                folders.apply_retention(self.root, self.config.keep_latest_k, keep_step=step)
         _barrier(self.process_group)
 
     def _stager(self) -> BlockingAsyncStager | None:
@@ -278,7 +295,7 @@ class CheckpointManager:
         future.result()
         if self.rank == 0:
             folders.commit(tmp_path, final_path, step, self.world_size, model_only=False)
-            folders.apply_retention(self.root, self.config.keep_latest_k)
+            folders.apply_retention(self.root, self.config.keep_latest_k, keep_step=step)
 
     def close(self) -> None:
         """Wait for and commit any in-flight async save; call once before the process exits."""
@@ -302,6 +319,10 @@ class CheckpointManager:
         if not self.enabled:
             return 0
         self.maybe_wait()
+        if self._async_group is not None:
+            # Rank 0 commits an async save after the other ranks' waits end: none may list the
+            # folders before that commit, or ranks would load different checkpoints.
+            _barrier(self.process_group)
         requested = step if step >= 0 else self.config.load_step
         found = folders.complete_checkpoints(self.root)
         full = [folder for folder in found if not folder.model_only]
@@ -342,7 +363,7 @@ class CheckpointManager:
         metadata = read_metadata(folder.path)
         excluded = set(self.config.exclude_from_loading)
         model_state = self.model.state_dict()
-        check_model_shapes(model_state, metadata, folder.path)
+        check_model_shapes(_global_model_shapes(model_state, self.process_group), metadata, folder.path)
         state: dict[str, Any] = {"model": model_state}
         if not model_only:
             for name, value in self._full_state(skip=excluded | {"model"}).items():

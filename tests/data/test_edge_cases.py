@@ -1,4 +1,5 @@
-"""Regressions found by an audit of the data pipeline: each test failed before its fix."""
+"""Data edge cases: vocabularies with unused ids, hidden folders, lone surrogates in JSON lines, missing
+Hugging Face paths and prepare-data outputs (each test failed before its fix)."""
 
 from __future__ import annotations
 
