@@ -3,7 +3,8 @@
 `TORCHTITAN_LIKE_FAULT="RANK:STEP:PHASE"` makes rank RANK kill itself with SIGKILL at step STEP,
 either mid-training (`train`: after the step's optimizer update, before its logging, validation
 and checkpoint save) or mid-save
-(`save`: after this rank wrote its checkpoint files, before the commit). It fires only in the
+(`save`: after this rank wrote its checkpoint files, before the commit); PHASE `preempt` sends it
+SIGTERM at the `train` point instead, as a scheduler preempting the job would. It fires only in the
 first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT = 0), so the restarted group runs clean.
 """
 
@@ -23,5 +24,9 @@ def _spec() -> tuple[int, int, str] | None:
 
 def maybe_inject_fault(rank: int, step: int, phase: str) -> None:
     spec = _spec()
-    if spec is not None and spec == (rank, step, phase):
+    if spec is None or spec[:2] != (rank, step):
+        return
+    if spec[2] == phase:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif spec[2] == "preempt" and phase == "train":
+        os.kill(os.getpid(), signal.SIGTERM)

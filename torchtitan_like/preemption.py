@@ -21,11 +21,17 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):
-    """Raised by the trainer after saving, once every rank agreed to stop."""
+    """Raised by the trainer after saving, once every rank agreed to stop; `saved` is False when
+    checkpointing is off (a restart then trains from the start, and the message says so)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted: saved a checkpoint at step {step} and stopped")
-        self.step = step
+    def __init__(self, step: int, saved: bool = True):
+        if saved:
+            message = f"preempted: saved a checkpoint at step {step} and stopped"
+        else:
+            message = (f"preempted at step {step} and stopped; nothing was saved (checkpoint.enable = false), "
+                       f"so a restart trains from step 0")
+        super().__init__(message)
+        self.step, self.saved = step, saved
 
 
 class PreemptionWatcher:

@@ -119,10 +119,6 @@ class Trainer:
         set_group_timeouts(config.comm.init_timeout_seconds, self.mesh)
         self.dp_rank, self.dp_degree = self._data_parallel_coordinates()
         self._seed_everything(config.training.seed)
-        if rank == 0:
-            os.makedirs(config.job.dump_folder, exist_ok=True)
-            with open(os.path.join(config.job.dump_folder, "config.toml"), "w") as handle:
-                handle.write(to_toml(config))
 
         # --- data
         self.dataloader = build_dataloader(config, self.tokenizer, self.dp_rank, self.dp_degree, split="train")
@@ -281,6 +277,13 @@ class Trainer:
         local_tokens = self.config.training.local_batch_size * self.config.training.seq_len * self.grad_accum_steps
         return local_tokens / self.parallel_dims.non_data_parallel_size
 
+    def _write_config(self) -> None:
+        """Rank 0 writes the resolved config beside the run's outputs."""
+        if self.rank == 0:
+            os.makedirs(self.config.job.dump_folder, exist_ok=True)
+            with open(os.path.join(self.config.job.dump_folder, "config.toml"), "w") as handle:
+                handle.write(to_toml(self.config))
+
     def train_step(self, data_iterator) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """One optimizer step; returns (loss, grad norm, seconds waiting on data, the LR this step used)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -321,10 +324,14 @@ class Trainer:
         preemption signal arrived."""
         config = self.config
         if config.checkpoint.create_seed_checkpoint:
+            self._write_config()
             path = create_seed_checkpoint(config.checkpoint, config.job.dump_folder, self.model_parts)
             logger.info(f"seed checkpoint written to {path}")
             return []
         self.step = self.checkpointer.load()
+        # After the load: a relaunch whose config does not fit the run's checkpoint stops there and
+        # leaves the run's config.toml as it was.
+        self._write_config()
         if self.step:
             logger.info(f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
             reapply_optimizer_config(self.optimizer, self.lr_scheduler, config.optimizer)
@@ -363,8 +370,8 @@ class Trainer:
                     snapshot.step()
                     if not last and watcher.should_stop():
                         self._record_losses(pending)
-                        self.checkpointer.save(self.step, force=True)
-                        raise Preempted(self.step)
+                        saved = self.checkpointer.save(self.step, force=True)
+                        raise Preempted(self.step, saved=saved)
             self._record_losses(pending)
         finally:
             gc.enable()

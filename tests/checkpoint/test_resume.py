@@ -226,3 +226,31 @@ def test_a_seed_checkpoint_starts_every_plan_from_the_same_weights(tmp_path):
         single, plain = single.result(), plain.result()
     assert single == pytest.approx(fsdp, rel=1e-5)  # same weights and global batch under both plans
     assert single != plain  # the seed checkpoint's weights, not the run's own seed-0 init
+
+
+def test_preemption_reports_what_it_saved_and_a_config_that_does_not_fit_keeps_the_runs_config(tmp_path):
+    # TORCHTITAN_LIKE_FAULT=0:2:preempt sends SIGTERM after step 2's update, as a scheduler would.
+    from tests.forking import run_cli_cases
+
+    with_checkpoints, without = str(tmp_path / "with_checkpoints"), str(tmp_path / "without")
+    preempt = {"TORCHTITAN_LIKE_FAULT": "0:2:preempt"}
+    results = run_cli_cases({
+        "saved": {"args": run_args(with_checkpoints, steps=6, interval=100), "env": preempt},
+        "not_saved": {"args": run_args(without, steps=6, interval=100)[:-5], "env": preempt},  # no --checkpoint.*
+    }, case_timeout=120)
+    assert results["saved"].returncode == PREEMPTED_EXIT_CODE, results["saved"].stderr[-3000:]
+    assert "preempted: saved a checkpoint at step 2" in results["saved"].stderr
+    assert [folder.step for folder in folders.complete_checkpoints(os.path.join(with_checkpoints, "checkpoint"))] == [2]
+    assert results["not_saved"].returncode == PREEMPTED_EXIT_CODE, results["not_saved"].stderr[-3000:]
+    assert "nothing was saved (checkpoint.enable = false)" in results["not_saved"].stderr
+    assert "saved a checkpoint" not in results["not_saved"].stderr
+
+    # A relaunch whose model does not fit the checkpoint stops at the load: the run's config.toml stays.
+    with open(os.path.join(with_checkpoints, "config.toml")) as handle:
+        run_config = handle.read()
+    mismatch = run_cli_cases({"mismatch": {"args": run_args(with_checkpoints, steps=6, interval=100)
+                                           + ["--model.vocab_size", "512"]}}, case_timeout=120)["mismatch"]
+    assert mismatch.returncode == 2, mismatch.stderr[-3000:]
+    assert "does not fit the model" in mismatch.stderr
+    with open(os.path.join(with_checkpoints, "config.toml")) as handle:
+        assert handle.read() == run_config
