@@ -186,10 +186,14 @@ class ParallelDims:
                               f"({n_microbatches}) to be a multiple of pipeline_parallel_degree = {self.pp}")
 
     def validate_features(self, parallelism, compile_config, device_type: str, cpu_offload: bool = False,
-                          master_weights: str = "float32") -> None:
+                          master_weights: str = "float32", activation_checkpoint=None) -> None:
         """Checks that need the device or the resolved degrees: async TP runs only on CUDA with
         torch.compile; FSDP CPU offload moves sharded state between a GPU and host memory, so it needs
-        both; split master weights are for one process (FSDP's mixed precision covers sharded runs)."""
+        both; split master weights are for one process (FSDP's mixed precision covers sharded runs);
+        zero-bubble schedules split each backward in two, which compiled code, per-op AC and FSDP's
+        resharding after forward do not support."""
+        if self.pp_enabled and parallelism.pipeline_parallel_schedule in ZERO_BUBBLE_SCHEDULES:
+            self._validate_split_backward(parallelism, compile_config, activation_checkpoint)
         if master_weights == "split" and self.world_size > 1:
             degrees = [f"{name} {value}" for name, value in (("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
                                                              ("tp", self.tp), ("pp", self.pp)) if value > 1]
@@ -213,6 +217,36 @@ class ParallelDims:
                 raise ConfigError("parallelism.enable_async_tensor_parallel = true needs compile.enable = true with "
                                   "'model' in compile.components (the micro-pipelining is an Inductor pass)")
 
+    def _validate_split_backward(self, parallelism, compile_config, activation_checkpoint) -> None:
+        """A zero-bubble schedule computes each microbatch's input gradients first (autograd.grad with
+        retain_graph) and its weight gradients later, walking the same graph a second time. A compiled
+        block or loss donates its saved buffers to its one backward node, which refuses a retained
+        graph, and per-op AC allows one backward per region: either fails at the first step (torch
+        refuses compiled stage modules itself, but only those wrapped in OptimizedModule, not blocks
+        compiled in place by parallelisms/compile.py). FSDP units that reshard after forward are
+        worse, silently: the input pass collects the stage's parameters before FSDP's pre-backward
+        hook gathers them again, so it gets the sharded ones, which are not in the graph, and the
+        weight pass computes no gradient for them (after a step the last stage's gradients are None
+        and the middle stages' lack microbatches) while the run trains on."""
+        schedule = parallelism.pipeline_parallel_schedule
+        if compile_config.enable and compile_config.components:
+            raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} splits each backward into an "
+                              f"input and a weight pass, which torch.compile'd code does not support; set "
+                              f"compile.enable = false or use 1F1B, GPipe, Interleaved1F1B or LoopedBFS")
+        if (activation_checkpoint is not None and activation_checkpoint.mode == "selective"
+                and activation_checkpoint.selective_ac_option == "op"):
+            raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} splits each backward into an "
+                              f"input and a weight pass, and per-op activation checkpointing (activation_checkpoint."
+                              f"selective_ac_option = 'op') allows one backward per block; use mode 'full' or an "
+                              f"integer selective_ac_option, or another schedule")
+        if self.fsdp_enabled and parallelism.fsdp_reshard_after_forward == "always":
+            raise ConfigError(f"parallelism.fsdp_reshard_after_forward = 'always' with pipeline_parallel_schedule = "
+                              f"{schedule!r} silently loses weight gradients (its input-gradient pass looks the "
+                              f"parameters up while FSDP holds them resharded after forward); use 'default' or "
+                              f"'never', or another schedule")
+
 
 # Schedules that run several (virtual) stages on each rank.
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
+# Schedules that split each microbatch's backward into an input-gradient and a weight-gradient pass.
+ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble")

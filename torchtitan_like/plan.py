@@ -180,7 +180,8 @@ def plan(argv: list[str]) -> int:
     parallel_dims.validate_model(model_args, config.training, config.parallelism, config.validation)
     parallel_dims.validate_features(config.parallelism, config.compile, "cuda",
                                   cpu_offload=config.training.enable_cpu_offload,
-                                  master_weights=config.training.master_weights)
+                                  master_weights=config.training.master_weights,
+                                  activation_checkpoint=config.activation_checkpoint)
     # Neither changes a shape or a saved tensor's size, and both would cost time or real devices:
     # async TP registers symmetric memory with an NCCL group; compile imports and sets up Dynamo.
     config.parallelism.enable_async_tensor_parallel = False

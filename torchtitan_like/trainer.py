@@ -106,7 +106,8 @@ class Trainer:
         self.model_args.sdpa_native_gqa = supports_native_gqa(self.model_args.sdpa_backends, self.device)
         self.parallel_dims.validate_features(config.parallelism, config.compile, self.device.type,
                                              cpu_offload=config.training.enable_cpu_offload,
-                                             master_weights=config.training.master_weights)
+                                             master_weights=config.training.master_weights,
+                                             activation_checkpoint=config.activation_checkpoint)
         self.split_master_weights = config.training.master_weights == "split"
         if config.float8.enable:
             from torchtitan_like.kernels.float8 import check_float8_support

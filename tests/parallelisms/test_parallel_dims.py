@@ -63,6 +63,23 @@ INVALID_CASES = {
     "async_tp_on_cpu": (2, ["--parallelism.tensor_parallel_degree", "2",
                             "--parallelism.enable_async_tensor_parallel", "true", "--training.device", "cpu"],
                         "needs CUDA"),
+    # zero-bubble schedules walk each backward graph twice (input, then weight gradients): compiled
+    # blocks (compiled in place, which torch's own check misses) and per-op AC failed at step 1
+    "zero_bubble_schedule_with_compile": (2, ["--parallelism.pipeline_parallel_degree", "2",
+                                              "--parallelism.pipeline_parallel_schedule", "InterleavedZeroBubble",
+                                              "--compile.enable", "true", "--compile.backend", "aot_eager"],
+                                          "which torch.compile'd code does not support"),
+    "zero_bubble_schedule_with_per_op_ac": (2, ["--parallelism.pipeline_parallel_degree", "2",
+                                                "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble",
+                                                "--activation_checkpoint.mode", "selective",
+                                                "--activation_checkpoint.selective_ac_option", "op"],
+                                            "allows one backward per block"),
+    # ... and FSDP's reshard after forward made it compute no weight gradient for the resharded units
+    "zero_bubble_schedule_with_fsdp_reshard_after_forward": (4, ["--parallelism.pipeline_parallel_degree", "2",
+                                                                 "--parallelism.pipeline_parallel_schedule",
+                                                                 "InterleavedZeroBubble",
+                                                                 "--parallelism.fsdp_reshard_after_forward", "always"],
+                                                             "silently loses weight gradients"),
     "cpu_offload_on_cpu": (2, ["--parallelism.data_parallel_shard_degree", "2", "--training.enable_cpu_offload", "true",
                                "--training.device", "cpu"],
                            "training.enable_cpu_offload = true keeps FSDP"),
@@ -88,3 +105,31 @@ def test_invalid_parallel_degrees_exit_2_with_message(invalid_case_results, case
     expected = INVALID_CASES[case][2]
     assert expected in output, f"{case}: message lacks {expected!r}:\n{output[-3000:]}"
     assert "Traceback" not in output
+
+
+def test_zero_bubble_refusals_leave_the_combinations_that_train_alone():
+    """Compile, per-op AC and resharding after forward stay allowed with the schedules that run one
+    full backward per microbatch; zero-bubble schedules keep full and every-k-th-layer AC and FSDP's
+    default (no reshard under PP) and 'never' policies (all match one process)."""
+    from types import SimpleNamespace
+
+    from torchtitan_like.parallelisms.parallel_dims import ParallelDims
+
+    def parallelism(schedule, reshard):
+        return SimpleNamespace(pipeline_parallel_schedule=schedule, fsdp_reshard_after_forward=reshard,
+                               enable_async_tensor_parallel=False)
+
+    pp_fsdp = ParallelDims(dp_replicate=1, dp_shard=2, tp=1, pp=2, world_size=4)
+    compiled = SimpleNamespace(enable=True, components=["model", "loss"])
+    not_compiled = SimpleNamespace(enable=False, components=["model", "loss"])
+    per_op = SimpleNamespace(mode="selective", selective_ac_option="op")
+    for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"):
+        pp_fsdp.validate_features(parallelism(schedule, "always"), compiled, "cpu", activation_checkpoint=per_op)
+    for schedule in ("InterleavedZeroBubble", "ZBVZeroBubble"):
+        for reshard in ("default", "never"):
+            for mode, option in (("none", "op"), ("full", "op"), ("selective", "2")):
+                pp_fsdp.validate_features(parallelism(schedule, reshard), not_compiled, "cpu",
+                                          activation_checkpoint=SimpleNamespace(mode=mode, selective_ac_option=option))
+        # without FSDP there is nothing to reshard
+        ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=2, world_size=2).validate_features(
+            parallelism(schedule, "always"), not_compiled, "cpu")
