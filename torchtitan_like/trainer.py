@@ -89,6 +89,7 @@ class Trainer:
         self.config = config
         rank, _, world_size = world_info()
         self.rank = rank
+        self.finished = False  # train() returned or stopped on preemption, on every rank alike
         # --- every user-input check happens before the process group exists
         self.tokenizer = build_tokenizer(config.model)
         self.spec, self.model_args = resolve_model_args(config, self.tokenizer)
@@ -339,6 +340,7 @@ class Trainer:
         if self.step >= config.training.steps:  # e.g. a finished job requeued or restarted
             logger.info(f"training already finished: checkpoint step {self.step} >= training.steps = "
                         f"{config.training.steps}; nothing to train")
+            self.finished = True
             return list(self.train_state.losses)
         data_iterator = iter(self.dataloader)
         watcher = PreemptionWatcher(self.device)
@@ -372,11 +374,13 @@ class Trainer:
                     if not last and watcher.should_stop():
                         self._record_losses(pending)
                         saved = self.checkpointer.save(self.step, force=True)
+                        self.finished = True
                         raise Preempted(self.step, saved=saved)
             self._record_losses(pending)
         finally:
             gc.enable()
             watcher.restore()
+        self.finished = True
         return list(self.train_state.losses)
 
     def _record_losses(self, pending: list[torch.Tensor]) -> None:
@@ -393,6 +397,11 @@ class Trainer:
     def close(self) -> None:
         self.checkpointer.close()
         self.metrics.close()
+        if self.finished and dist.is_initialized():
+            # Leave together: a rank that tears gloo down while a peer is still inside it can make the
+            # peer abort at exit ("terminate called without an active exception", seen in CI after a
+            # finished run). Only after a normal end: a rank that failed alone must exit at once.
+            dist.barrier()
         destroy_process_group()
 
 
