@@ -368,12 +368,18 @@ class Trainer:
                             self.metrics.log(self.step, self.train_state.losses[-1], float(grad_norm), lr)
                     if self.val_dataloader is not None and (self.step % config.validation.freq == 0 or last):
                         self.metrics.log_validation(self.step, self.validate())
-                    self.checkpointer.save(self.step, last=last)
+                    saved_now = self.checkpointer.save(self.step, last=last)
                     profiler.step()
                     snapshot.step()
                     if not last and watcher.should_stop():
                         self._record_losses(pending)
-                        saved = self.checkpointer.save(self.step, force=True)
+                        if saved_now:  # the interval save of this step: commit it, do not write it twice
+                            logger.info(f"preempted: step {self.step} was just saved; committing it and stopping")
+                            self.checkpointer.maybe_wait()
+                            saved = True
+                        else:
+                            logger.info(f"preempted: saving step {self.step} and stopping")
+                            saved = self.checkpointer.save(self.step, force=True)
                         self.finished = True
                         raise Preempted(self.step, saved=saved)
             self._record_losses(pending)

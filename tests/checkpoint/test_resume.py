@@ -234,13 +234,20 @@ def test_preemption_reports_what_it_saved_and_a_config_that_does_not_fit_keeps_t
 
     with_checkpoints, without = str(tmp_path / "with_checkpoints"), str(tmp_path / "without")
     preempt = {"TORCHTITAN_LIKE_FAULT": "0:2:preempt"}
+    on_interval = str(tmp_path / "on_interval")
     results = run_cli_cases({
         "saved": {"args": run_args(with_checkpoints, steps=6, interval=100), "env": preempt},
         "not_saved": {"args": run_args(without, steps=6, interval=100)[:-5], "env": preempt},  # no --checkpoint.*
+        # step 2 is also an (async) interval save: committed once, not written a second time
+        "on_interval": {"args": run_args(on_interval, steps=6, interval=2) + ["--checkpoint.async_mode", "async"],
+                        "env": preempt},
     }, case_timeout=120)
-    assert results["saved"].returncode == PREEMPTED_EXIT_CODE, results["saved"].stderr[-3000:]
-    assert "preempted: saved a checkpoint at step 2" in results["saved"].stderr
-    assert [folder.step for folder in folders.complete_checkpoints(os.path.join(with_checkpoints, "checkpoint"))] == [2]
+    for name, dump in (("saved", with_checkpoints), ("on_interval", on_interval)):
+        assert results[name].returncode == PREEMPTED_EXIT_CODE, results[name].stderr[-3000:]
+        assert "preempted: saved a checkpoint at step 2" in results[name].stderr
+        assert [folder.step for folder in folders.complete_checkpoints(os.path.join(dump, "checkpoint"))] == [2]
+    assert "preempted: saving step 2 and stopping" in results["saved"].stdout
+    assert "preempted: step 2 was just saved; committing it" in results["on_interval"].stdout
     assert results["not_saved"].returncode == PREEMPTED_EXIT_CODE, results["not_saved"].stderr[-3000:]
     assert "nothing was saved (checkpoint.enable = false)" in results["not_saved"].stderr
     assert "saved a checkpoint" not in results["not_saved"].stderr
