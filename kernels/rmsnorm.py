@@ -410,15 +410,17 @@ class TritonRMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + update, self(x + update)): a pre-norm block's residual add and the next norm.
 
-        One fused kernel pass on plain tensors; `update` is first promoted to x's dtype, as `x +
-        update` would (bf16 sub-layer outputs into an fp32 residual stream under autocast), so the
-        sum is bit-equal. DTensors (sequence parallel) take the unfused path.
+        One fused kernel pass on plain tensors; both are first promoted to their common dtype, as `x +
+        update` would (bf16 sub-layer outputs into an fp32 residual stream under autocast; never a
+        rounding of the wider one down to the other's dtype), so the sum is bit-equal. DTensors
+        (sequence parallel) take the unfused path.
         """
         if _is_dtensor(x) or _is_dtensor(update) or _is_dtensor(self.weight) or not triton_available_for(x) \
                 or update.shape != x.shape:
             summed = x + update
             return summed, self(summed)
-        normed, summed = fused_add_rms_norm(x, update.to(x.dtype), self.weight, self.eps)
+        dtype = torch.promote_types(x.dtype, update.dtype)
+        normed, summed = fused_add_rms_norm(x.to(dtype), update.to(dtype), self.weight, self.eps)
         return summed, normed
 
     def extra_repr(self) -> str:

@@ -9,6 +9,8 @@ Math (the same for every recipe; only the set of elements an amax runs over chan
 
 FP8_MAX is 448 for e4m3fn and 57344 for e5m2 (the largest finite value), so the largest |x| lands
 exactly on FP8_MAX and nothing overflows; the clamp only matters for rounding of fp32(x) * scale.
+NaNs propagate as in torch: a NaN makes its amax and scale NaN and its values NaN (an inf gives scale
+0 and inf * 0 = NaN), so a diverging tensor is not cast to finite fp8 values.
 The cast rounds to nearest even, exactly as `torch.Tensor.to(float8)` does, so the Triton kernels
 equal the reference bit for bit (the scale is an IEEE-rounded division, `tl.math.div_rn`, not
 Triton's default approximate one).
@@ -117,7 +119,9 @@ if triton is not None:
         RNE; the Triton interpreter's fp32->fp8 converter drops the carry when rounding crosses a power
         of two (-125.6 -> -64), so under the interpreter the value is first rounded onto the fp8 grid in
         fp32 arithmetic ((|y| + C) - C with C = 1.5 * 2^23 * ulp, an exact RNE) and then cast exactly."""
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        # NaN-propagating clamp, as torch.clamp: Triton's default min/max return the non-NaN operand,
+        # which turned a NaN (or inf * 0) into -FP8_MAX and hid it
+        y = tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
         if SOFTWARE_ROUNDING:
             # e4m3fn: 3 mantissa bits, smallest normal 2^-6; e5m2: 2 bits, 2^-14.
             MANTISSA_BITS: tl.constexpr = 3 if FP8_MAX == 448.0 else 2
@@ -127,7 +131,22 @@ if triton is not None:
             magic = (((exponent - MANTISSA_BITS + 23) << 23) | 0x400000).to(tl.float32, bitcast=True)
             rounded = (tl.abs(y) + magic) - magic
             y = tl.where(bits < 0, -rounded, rounded)
+            # the interpreter's converter also turns NaN into a finite value: write NaN (0x7F with
+            # y's sign, as torch and the GPU's cvt) by its bits
+            nan_bits = ((bits >> 24) & 0x80 | 0x7F).to(tl.uint8).to(out_dtype, bitcast=True)
+            return tl.where(y == y, y.to(out_dtype, fp_downcast_rounding="rtne"), nan_bits)
         return y.to(out_dtype, fp_downcast_rounding="rtne")
+
+    @triton.jit
+    def _max_propagating_nan(a, b):
+        """max that returns NaN if either is NaN, as torch.amax and torch.clamp (tl.maximum does not)."""
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _amax(abs_x, axis):
+        """max over `axis` that returns NaN when any element is NaN, as torch.amax (tl.max skips NaNs,
+        so a NaN input got a finite scale and was cast to -FP8_MAX)."""
+        return tl.reduce(abs_x, axis, _max_propagating_nan)
 
     @triton.jit
     def _block_amax_kernel(x_ptr, partial_ptr, n_rows, n_cols, stride_x,
@@ -140,9 +159,9 @@ if triton is not None:
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
         abs_x = tl.abs(x.to(tl.float32))
         if PER_COLUMN:  # partial_ptr is (row blocks, n_cols)
-            tl.store(partial_ptr + pid_r * n_cols + cols, tl.max(abs_x, axis=0), mask=cols < n_cols)
+            tl.store(partial_ptr + pid_r * n_cols + cols, _amax(abs_x, 0), mask=cols < n_cols)
         else:  # partial_ptr is (row blocks, column blocks)
-            tl.store(partial_ptr + pid_r * tl.num_programs(1) + pid_c, tl.max(tl.max(abs_x, axis=1), axis=0))
+            tl.store(partial_ptr + pid_r * tl.num_programs(1) + pid_c, _amax(_amax(abs_x, 1), 0))
 
     @triton.jit
     def _scale_cast_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, out_t_ptr, n_rows, n_cols,
@@ -160,14 +179,14 @@ if triton is not None:
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
         if PER_COLUMN:
             amax = tl.load(amax_ptr + cols, mask=col_in, other=1.0)
-            scale = tl.math.div_rn(tl.full([BLOCK_C], FP8_MAX, tl.float32), tl.maximum(amax, EPS_))
+            scale = tl.math.div_rn(tl.full([BLOCK_C], FP8_MAX, tl.float32), _max_propagating_nan(amax, EPS_))
             if pid_r == 0:
                 tl.store(scale_ptr + cols, scale, mask=col_in)
             y = x.to(tl.float32) * scale[None, :]
         else:
             if FROM_AMAX:
                 amax = tl.load(amax_ptr + tl.arange(0, 1))
-                scale = tl.math.div_rn(tl.full([1], FP8_MAX, tl.float32), tl.maximum(amax, EPS_))
+                scale = tl.math.div_rn(tl.full([1], FP8_MAX, tl.float32), _max_propagating_nan(amax, EPS_))
                 if (pid_r == 0) & (pid_c == 0):
                     tl.store(scale_ptr + tl.arange(0, 1), scale)
             else:
@@ -190,10 +209,10 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
             x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0)
-            running = tl.maximum(running, tl.abs(x.to(tl.float32)))
-        amax = tl.max(running, axis=0)
+            running = _max_propagating_nan(running, tl.abs(x.to(tl.float32)))
+        amax = _amax(running, 0)
         amax_vec = tl.zeros([1], dtype=tl.float32) + amax
-        scale = tl.math.div_rn(tl.full([1], FP8_MAX, tl.float32), tl.maximum(amax_vec, EPS_))
+        scale = tl.math.div_rn(tl.full([1], FP8_MAX, tl.float32), _max_propagating_nan(amax_vec, EPS_))
         tl.store(scale_ptr + row + tl.arange(0, 1), scale)
         # Second pass re-reads the row; it is hot in L2 (<= 64 KiB for Llama rows).
         for start in range(0, n_cols, BLOCK_C):

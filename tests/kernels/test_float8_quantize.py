@@ -83,3 +83,27 @@ def test_colwise_transposed_matches_reference_bitwise(float8_dtype, dtype):
     assert scale.shape == (45, 1) and torch.equal(scale, ref_scale)
     assert torch.equal(_bits(out_t), _bits(ref_t))
     assert torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("float8_dtype", [q.E4M3, q.E5M2])
+def test_nan_and_inf_inputs_propagate_nan_like_the_reference(float8_dtype):
+    # A NaN must not vanish: its amax (and so its scale) is NaN and its values cast to NaN, as in
+    # torch. An inf gives scale 0, and inf * 0 is NaN. Triton's default max/clamp drop NaNs, which
+    # cast a NaN row to finite values (-FP8_MAX) with a finite scale.
+    x = torch.randn(6, 20)
+    x[1, 3] = float("nan")
+    x[4, 7] = float("inf")
+
+    def same(out, ref):  # NaNs in the same places, every other value bit-equal
+        nan = ref.float().isnan()
+        return torch.equal(out.float().isnan(), nan) and torch.equal(out.float()[~nan], ref.float()[~nan])
+
+    out, scale = q.rowwise_quantize(x, float8_dtype)
+    ref, ref_scale = q.rowwise_quantize_reference(x, float8_dtype)
+    assert same(scale, ref_scale) and scale[1].isnan()
+    assert same(out, ref) and out[1].float().isnan().all() and out[4, 7].float().isnan()
+    out_t, scale = q.colwise_quantize_t(x, float8_dtype)
+    ref_t, ref_scale = q.colwise_quantize_t_reference(x, float8_dtype)
+    assert same(scale, ref_scale) and same(out_t, ref_t)
+    out, out_t, scale = q.tensorwise_quantize(x, float8_dtype, "also")
+    assert scale.isnan() and out.float().isnan().all() and out_t.float().isnan().all()

@@ -347,3 +347,18 @@ def test_add_and_norm_promotes_a_bf16_update_into_an_fp32_stream_bit_exactly():
     assert summed.dtype == normed.dtype == torch.float32
     assert torch.equal(summed, expected_sum)
     torch.testing.assert_close(normed, norm(expected_sum), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype, update_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_add_and_norm_never_rounds_the_sum_to_the_narrower_stream_dtype(x_dtype, update_dtype):
+    # `x + update` computes in the promoted dtype (fp32 here); the fused path must not first round
+    # the wider input down to x's dtype.
+    norm = TritonRMSNorm(48, eps=EPS)
+    with torch.no_grad():
+        norm.weight.copy_(random_weight(48, torch.float32))
+    x, update = torch.randn(3, 5, 48).to(x_dtype), torch.randn(3, 5, 48).to(update_dtype)
+    summed, normed = norm.add_and_norm(x, update)
+    expected_sum = x + update
+    assert summed.dtype == normed.dtype == expected_sum.dtype == torch.float32
+    assert torch.equal(summed, expected_sum)
+    torch.testing.assert_close(normed, norm(expected_sum), rtol=0, atol=0)
