@@ -133,10 +133,13 @@ def test_cli_rejects_a_checkpoint_of_another_flavor(checkpoint_and_config, capsy
     assert code == 2 and "does not fit" in capsys.readouterr().err
 
 
-def test_cli_rejects_bad_sampling_options(checkpoint_and_config, capsys):
+@pytest.mark.parametrize("option,value", [("--top-p", "0"), ("--temperature", "nan"), ("--temperature", "-1"),
+                                          ("--top-k", "-1"), ("--seed", str(2**64))])
+def test_cli_rejects_bad_sampling_options(checkpoint_and_config, capsys, option, value):
     root, config = checkpoint_and_config
-    code = generate_cli.main(["--config", config, "--checkpoint", root, "--prompt", "x", "--top-p", "0"])
-    assert code == 2 and "--top-p" in capsys.readouterr().err
+    code = generate_cli.main(["--config", config, "--checkpoint", root, "--prompt", "x", option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {option} " in err and ": must be" in err, err
 
 
 def test_padded_vocabulary_ids_are_never_drawn_and_finished_rows_stay_at_eos():

@@ -62,6 +62,13 @@ def test_config_mistake_exits_2_before_building():
     assert "error:" in result.stderr and "world size 12" in result.stderr
 
 
+@pytest.mark.parametrize("option,value", [("--gpu-memory-gib", "nan"), ("--gpu-memory-gib", "0"), ("--rank", "8")])
+def test_bad_plan_option_exits_2_naming_it(capsys, option, value):
+    assert plan.main(["--config", _config("llama3_8b.toml"), "--ngpu", "8", option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {option} " in err and ": must be" in err, err
+
+
 def test_activation_formula_matches_the_documented_counts():
     shape = BlockShape(dim=4096, kv_dim=1024, ffn_hidden_dim=14336, vocab_size=128256)
     h, kv, ffn = 4096, 1024, 14336

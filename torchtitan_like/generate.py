@@ -16,6 +16,7 @@ from a generator seeded with `--seed`. Prints the prompt and its continuation on
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -159,12 +160,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     options, overrides = parser.parse_known_args(argv)
     if options.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {options.max_new_tokens}: must be >= 1")
-    if options.temperature < 0:
-        raise ConfigError(f"--temperature {options.temperature}: must be >= 0 (0 = greedy)")
+    if not (math.isfinite(options.temperature) and options.temperature >= 0):  # nan fails every comparison
+        raise ConfigError(f"--temperature {options.temperature}: must be a finite number >= 0 (0 = greedy)")
     if options.top_k < 0:
         raise ConfigError(f"--top-k {options.top_k}: must be >= 0 (0 = no top-k filtering)")
     if not 0 < options.top_p <= 1:
         raise ConfigError(f"--top-p {options.top_p}: must be in (0, 1]")
+    if not 0 <= options.seed < 2**64:  # torch.Generator.manual_seed's range
+        raise ConfigError(f"--seed {options.seed}: must be in [0, 2**64 - 1]")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
     return options, overrides

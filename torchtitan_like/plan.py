@@ -16,6 +16,7 @@ which knobs help), 2 a config mistake (the same checks the trainer runs at start
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -46,8 +47,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise ConfigError(f"--ngpu {options.ngpu}: must be >= 1")
     if not 0 <= options.rank < options.ngpu:
         raise ConfigError(f"--rank {options.rank}: must be in [0, {options.ngpu - 1}] for --ngpu {options.ngpu}")
-    if options.gpu_memory_gib <= 0:
-        raise ConfigError(f"--gpu-memory-gib {options.gpu_memory_gib}: must be positive")
+    if not (math.isfinite(options.gpu_memory_gib) and options.gpu_memory_gib > 0):  # nan fails every comparison
+        raise ConfigError(f"--gpu-memory-gib {options.gpu_memory_gib}: must be a positive finite number")
     return options, overrides
 
 

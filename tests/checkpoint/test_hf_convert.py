@@ -118,6 +118,38 @@ def test_export_of_a_missing_checkpoint_is_a_user_error_with_exit_code_2(tmp_pat
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options,message", [
+    (["--bos-id", "-1", "--eos-id", "1"], "--bos-id -1: must be a token id in [0, 127]"),
+    (["--bos-id", "0", "--eos-id", "128"], "--eos-id 128: must be a token id in [0, 127]"),
+    (["--bos-id", "0", "--eos-id", "1", "--output", "FILE"], "is not a writable folder"),  # names --output
+])
+def test_bad_export_options_exit_2_naming_the_option(tmp_path, capsys, options, message):
+    from torchtitan_like.checkpoint.hf_convert import main
+    from torchtitan_like.models.llama3 import get_flavor
+
+    args = get_flavor("debugmodel")
+    args.vocab_size = 128
+    create_seed_checkpoint(checkpoint_config(), str(tmp_path), build_model(args, seed=2))
+    (tmp_path / "file").write_text("")
+    options = [str(tmp_path / "file") if option == "FILE" else option for option in options]
+    code = main(["export", "--checkpoint", str(tmp_path / "checkpoint"), "--flavor", "debugmodel",
+                 "--output", str(tmp_path / "hf"), *options])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "job.dump_folder" not in err, err
+
+
+@pytest.mark.parametrize("config_json,message", [("{", "config.json: not valid JSON"),
+                                                 ("{}", "config.json: missing setting 'hidden_size'")])
+def test_import_of_a_bad_config_json_exits_2_naming_the_file(tmp_path, capsys, config_json, message):
+    from torchtitan_like.checkpoint.hf_convert import main
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(config_json)
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_reads_the_training_commands_overrides_with_its_config(tmp_path, capsys):
     from torchtitan_like.checkpoint.hf_convert import main
     from torchtitan_like.models.llama3 import get_flavor

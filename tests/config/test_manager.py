@@ -71,6 +71,11 @@ def test_every_field_is_documented():
     ("[training]\nsteps = 0\n", "training.steps = 0 is out of range: must be >= 1"),
     ('[activation_checkpoint]\nmode = "fll"\n', "allowed: none, full, selective"),
     ('[training]\nmixed_precision_param = "float16"\n', "allowed: bfloat16, float32"),  # no loss scaling
+    ("[optimizer]\nlr = inf\n", "optimizer.lr = inf: expected a finite number"),  # TOML reads inf and nan
+    ("[float8]\nfilter_fqns = [1]\n", "float8.filter_fqns = [1]: expected a list of strings"),
+    ("float8 = 1\n[quantize.linear.float8]\nenable = true\n", "[float8] must be a table of keys"),
+    ('[quantize.linear]\nfloat8 = "x"\n', "[quantize.linear.float8] must be a table of keys"),
+    ("steps = 3\n[training]\nseq_len = 64\n", "key steps = 3 is outside any section; put it under [training]"),
 ])
 def test_config_mistakes_raise_config_error_naming_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -103,6 +108,14 @@ BAD_INPUTS = [
     (["--training.dataset", "local"], "training.dataset = 'local' needs training.dataset_path"),
     (["--training.dataset", "local", "--training.dataset_path", "/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--training.dataset", "tokenized", "--training.dataset_path", "/nonexistent/tokens"], "/nonexistent/tokens"),
+    (["--training.steps"], "training.steps: needs a value (an integer)"),  # not the value 'true'
+    (["--optimizer.lr", "nan"], "optimizer.lr = nan: expected a finite number"),
+    (["--float8.filter_fqns", "[1]"], "float8.filter_fqns = [1]: expected a list of strings"),
+    (["--compile.enable", "--compile.backend", "nope"], "compile.backend = 'nope' is not a torch.compile backend"),
+    (["--training.global_batch_size", "0"], "training.global_batch_size = 0: use -1"),  # was 0 microbatches
+    (["--parallelism.pipeline_parallel_layers_per_stage", "0"], "pipeline_parallel_layers_per_stage = 0: use -1"),
+    (["--metrics.peak_flops", "0"], "metrics.peak_flops = 0: use -1"),
+    (["--training.seed", str(2**64)], f"training.seed = {2**64} is out of range"),
 ]
 
 

@@ -104,6 +104,15 @@ def test_bad_input_exits_with_code_2_and_names_the_path(tmp_path, capsys):
     assert not (tmp_path / "out" / "metadata.json").exists()
 
 
+def test_tokenizer_kind_without_its_file_names_the_prepare_option(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as usage_error:
+        main(["--input", "builtin", "--output", str(tmp_path / "out"), "--tokenizer", "hf"])
+    assert usage_error.value.code == 2
+    assert "--tokenizer hf needs --tokenizer-path" in capsys.readouterr().err  # not model.hf_assets_path
+
+
 def test_a_failed_run_leaves_the_dataset_already_in_output_intact(tmp_path, capsys):
     output = tmp_path / "out"
     assert main(["--input", str(write_corpus(tmp_path / "corpus")), "--output", str(output), "--text-field", "body"]) == 0

@@ -94,10 +94,18 @@ def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> s
     if not os.path.isfile(config_path):
         raise DataError(f"{hf_folder}: no config.json (expected a Hugging Face model folder)")
     with open(config_path) as config_file:
-        hf_config = json.load(config_file)
+        try:
+            hf_config = json.load(config_file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(hf_config, dict):
+        raise DataError(f"{config_path}: expected a JSON object of model settings, got {type(hf_config).__name__}")
     spec = get_model_spec(model_name)
     # The adapter's module holds the config helpers (`hf_config`, `args_from_hf_config`) next to it.
-    args = _adapter_module(model_name).args_from_hf_config(hf_config)
+    try:
+        args = _adapter_module(model_name).args_from_hf_config(hf_config)
+    except KeyError as error:
+        raise DataError(f"{config_path}: missing setting {error} (expected a Hugging Face model config)") from None
     state = spec.state_dict_adapter(args).from_hf(_read_safetensors(hf_folder))
     expected = _meta_model_state(model_name, args)
     unexpected = sorted(set(state) - set(expected))
@@ -112,6 +120,7 @@ def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> s
     state = {name: value.to(torch.float32).contiguous() for name, value in state.items()}
     if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
+    _ensure_output_writable(output_root)
     path = write_dcp_model(state, output_root)
     # Kept beside the weights: the trainer checks that the flavor it builds has this architecture
     # (the weights alone cannot tell a different RoPE base or scaling).
@@ -149,6 +158,15 @@ def check_imported_architecture(checkpoint_path: str, model_name: str, model_arg
                           f"would load and compute different logits: choose the flavor matching the import")
 
 
+def _ensure_output_writable(folder: str) -> None:
+    """folders.ensure_writable, with a message naming this command's option, not the trainer's keys."""
+    try:
+        folders.ensure_writable(folder)
+    except ConfigError as error:
+        raise ConfigError(f"--output {folder!r} is not a writable folder ({error.__cause__.strerror or error.__cause__})"
+                          ) from None
+
+
 def _adapter_module(model_name: str):
     import importlib
 
@@ -156,12 +174,14 @@ def _adapter_module(model_name: str):
 
 
 def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = "llama3", dtype: str = "float32",
-              max_shard_bytes: int = 5 * 1024**3, bos_id: int | None = None, eos_id: int | None = None) -> list[str]:
+              max_shard_bytes: int = 5 * 1024**3, bos_id: int | None = None, eos_id: int | None = None,
+              given_ids: dict[str, int | None] | None = None) -> list[str]:
     """Write `config.json` and safetensors for the model of a checkpoint; returns the weight files.
 
     `args` is the model's architecture; a vocab_size <= 0 is taken from the checkpoint. The
     tokenizer's `bos_id` / `eos_id` go into config.json and generation_config.json: without them
     transformers assumes its defaults (1 and 2), and `generate()` would never stop at our EOS.
+    `given_ids` ({"--bos-id": id, ...}): ids the user typed, which must lie in the checkpoint's vocabulary.
     """
     from safetensors.torch import save_file
 
@@ -171,9 +191,13 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
     if args.vocab_size <= 0:
         args.vocab_size = int(state["tok_embeddings.weight"].shape[0])
     check_model_shapes(_meta_model_state(model_name, args), read_metadata(folder.path), folder.path)
+    for flag, token_id in (given_ids or {}).items():
+        if token_id is not None and not 0 <= token_id < args.vocab_size:
+            raise ConfigError(f"{flag} {token_id}: must be a token id in [0, {args.vocab_size - 1}] "
+                              f"(the checkpoint's vocabulary)")
     adapter = get_model_spec(model_name).state_dict_adapter(args)
     hf_state = {name: value.to(EXPORT_DTYPES[dtype]).contiguous() for name, value in adapter.to_hf(state).items()}
-    folders.ensure_writable(output_folder)
+    _ensure_output_writable(output_folder)
     hf_config = _adapter_module(model_name).hf_config(args, dtype)
     token_ids = {key: value for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id))
                  if value is not None}
@@ -254,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     if overrides and not (options.command == "export" and options.config):
         parser.error(f"unrecognized arguments: {' '.join(overrides)} (--section.key value overrides go with "
                      f"export --config)")
+    if options.command == "export" and options.max_shard_bytes < 1:
+        parser.error(f"--max-shard-bytes {options.max_shard_bytes}: must be at least 1")
     options.overrides = overrides
     # One process on purpose: DCP's "assuming single process" notice is noise here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -264,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model_name, args, bos_id, eos_id = _model_and_args(options)
             files = export_hf(options.checkpoint, options.output, args, model_name, options.dtype,
-                              options.max_shard_bytes, bos_id=bos_id, eos_id=eos_id)
+                              options.max_shard_bytes, bos_id=bos_id, eos_id=eos_id,
+                              given_ids={"--bos-id": options.bos_id, "--eos-id": options.eos_id})
             print(f"wrote config.json and {', '.join(files)} to {options.output}")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ allowed; nothing here touches devices or process groups, so errors surface befor
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import typing
@@ -42,13 +43,27 @@ def _coerce(value: Any, tp: type, where: str) -> Any:
         return float(value)
     if tp is bool and isinstance(value, bool):
         return value
+    if tp is list and isinstance(value, list):
+        return _check_list_items(value, where)
     if tp is not bool and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise ConfigError(f"{where} = {value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
 
 
-def _parse_cli_value(text: str, tp: type, where: str) -> Any:
-    """Parse a command-line string into the field's type."""
+def _check_list_items(value: list, where: str) -> list:
+    """Every list key holds names (module names, components, state keys): strings only."""
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where} = {value!r}: expected a list of strings, got {item!r} ({type(item).__name__})")
+    return value
+
+
+def _parse_cli_value(text: str | None, tp: type, where: str) -> Any:
+    """Parse a command-line string into the field's type; `None` is a bare `--section.key`."""
+    if text is None:
+        if tp is bool:
+            return True
+        raise ConfigError(f"{where}: needs a value ({_type_name(tp)}); only boolean keys may be given bare")
     if tp is bool:
         lowered = text.lower()
         if lowered in ("true", "1", "yes"):
@@ -73,13 +88,17 @@ def _parse_cli_value(text: str, tp: type, where: str) -> Any:
                 value = json.loads(text)
             except json.JSONDecodeError:
                 raise ConfigError(f"{where} = {text!r}: expected a list such as [\"a\", \"b\"] or a,b") from None
-            return value
+            if not isinstance(value, list):
+                raise ConfigError(f"{where} = {text!r}: expected a list such as [\"a\", \"b\"] or a,b")
+            return _check_list_items(value, where)
         return [item.strip() for item in text.split(",") if item.strip()]
     return text
 
 
 def _check_constraints(value: Any, f, where: str) -> None:
     meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):  # TOML and float() both read inf and nan
+        raise ConfigError(f"{where} = {value!r}: expected a finite number")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         allowed = ", ".join(map(str, choices))
@@ -98,6 +117,10 @@ def _flatten_float8_alias(data: dict, source: str) -> dict:
     if isinstance(quantize, dict):
         float8 = quantize.get("linear", {}).get("float8") if isinstance(quantize.get("linear"), dict) else None
         if float8 is not None:
+            if not isinstance(float8, dict):
+                raise ConfigError(f"{source}: [quantize.linear.float8] must be a table of keys, got {float8!r}")
+            if not isinstance(data.get("float8", {}), dict):
+                raise ConfigError(f"{source}: [float8] must be a table of keys, got {data['float8']!r}")
             merged = dict(data.get("float8", {}))
             merged.update(float8)
             data = {k: v for k, v in data.items() if k != "quantize"}
@@ -125,6 +148,10 @@ def apply_sections(config: JobConfig, data: dict, source: str, warn=print) -> No
         if section in IGNORED_TORCHTITAN_SECTIONS:
             warn(f"warning: {source}: section [{section}] is TorchTitan-only and ignored")
             continue
+        if section not in SECTIONS and not isinstance(values, dict):  # a key above every [section] header
+            homes = [name for name, cls in SECTIONS.items() if section in _field_types(cls)]
+            raise ConfigError(f"{source}: key {section} = {values!r} is outside any section; "
+                              + (f"put it under [{'] or ['.join(homes)}]" if homes else f"sections: {', '.join(SECTIONS)}"))
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{section}]{did_you_mean(section, SECTIONS)}; "
                               f"sections: {', '.join(SECTIONS)}")
@@ -143,10 +170,10 @@ def apply_sections(config: JobConfig, data: dict, source: str, warn=print) -> No
             setattr(target, key, value)
 
 
-def parse_cli_overrides(args: Sequence[str]) -> list[tuple[str, str, str]]:
+def parse_cli_overrides(args: Sequence[str]) -> list[tuple[str, str, str | None]]:
     """Turn `--section.key value` / `--section.key=value` pairs into (section, key, text) triples.
 
-    A bare boolean flag (`--compile.enable`) means true.
+    A bare flag (`--compile.enable`) has text None: true for a boolean key, an error for any other.
     """
     overrides, index = [], 0
     while index < len(args):
@@ -159,7 +186,7 @@ def parse_cli_overrides(args: Sequence[str]) -> list[tuple[str, str, str]]:
             nxt = args[index + 1] if index + 1 < len(args) else None
             is_flag = nxt is None or (nxt.startswith("--") and not _looks_numeric(nxt))
             if is_flag:
-                text = "true"
+                text = None
             else:
                 text = nxt
                 index += 1
@@ -176,7 +203,7 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
-def apply_cli_overrides(config: JobConfig, overrides: list[tuple[str, str, str]]) -> None:
+def apply_cli_overrides(config: JobConfig, overrides: list[tuple[str, str, str | None]]) -> None:
     for section, key, text in overrides:
         if section not in SECTIONS:
             raise ConfigError(f"command line: unknown section --{section}.{key}{did_you_mean(section, SECTIONS)}; "

@@ -18,6 +18,7 @@ def gradient_accumulation_steps(training, dp_degree: int) -> int:
 
 
 FLOAT8_CONVERTERS = ("float8", "quantize.linear.float8")  # ours and TorchTitan 0.2's spelling
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 def validate_config(config, model_args) -> None:
@@ -45,6 +46,17 @@ def validate_config(config, model_args) -> None:
                           f"{model_args.max_seq_len}")
     if config.validation.steps == 0:
         raise ConfigError("validation.steps = 0: use a positive number of batches or -1 for the whole split")
+    # -1 sentinels whose 0 would otherwise silently act as -1
+    if training.global_batch_size == 0:
+        raise ConfigError("training.global_batch_size = 0: use -1 (local_batch_size x data-parallel degree) or a "
+                          "positive multiple of it")
+    if config.parallelism.pipeline_parallel_layers_per_stage == 0:
+        raise ConfigError("parallelism.pipeline_parallel_layers_per_stage = 0: use -1 (one stage per rank) or a "
+                          "positive number of layers")
+    if config.metrics.peak_flops == 0:
+        raise ConfigError("metrics.peak_flops = 0: use -1 (look the device up) or the device's peak FLOP/s, e.g. 989e12")
+    if training.seed > MAX_SEED:
+        raise ConfigError(f"training.seed = {training.seed} is out of range: must be <= 2**64 - 1 ({MAX_SEED})")
     if training.dataset in ("local", "tokenized", "huggingface") and not training.dataset_path:
         raise ConfigError(f"training.dataset = {training.dataset!r} needs training.dataset_path "
                           f"(a file, folder or glob{', or a dataset name' if training.dataset == 'huggingface' else ''})")
@@ -60,6 +72,8 @@ def validate_config(config, model_args) -> None:
     for component in config.compile.components:
         if component not in ("model", "loss"):
             raise ConfigError(f"compile.components contains {component!r}; allowed: model, loss")
+    if config.compile.enable:
+        _validate_compile_backend(config.compile.backend)
     for converter in config.model.converters:
         if converter not in FLOAT8_CONVERTERS:
             raise ConfigError(f"model.converters contains {converter!r}; allowed: {', '.join(FLOAT8_CONVERTERS)}")
@@ -68,6 +82,18 @@ def validate_config(config, model_args) -> None:
         _validate_float8(config.float8, config.parallelism)
     if training.master_weights == "split":
         _validate_split_master_weights(config)
+
+
+def _validate_compile_backend(backend: str) -> None:
+    """An unknown backend fails only at the first compiled call otherwise, after the process group."""
+    from torch._dynamo import list_backends, lookup_backend
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        lookup_backend(backend)
+    except InvalidBackend:
+        raise ConfigError(f"compile.backend = {backend!r} is not a torch.compile backend; "
+                          f"allowed: {', '.join(list_backends())} (or a debug backend such as eager, aot_eager)") from None
 
 
 def _validate_split_master_weights(config) -> None:

@@ -46,6 +46,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--validation-fraction", type=float, default=0.0,
                         help="fraction of documents held out as the validation split (0 = none)")
     args = parser.parse_args(argv)
+    if args.tokenizer in ("hf", "tiktoken") and not args.tokenizer_path:  # load_tokenizer names the trainer's key
+        parser.error(f"--tokenizer {args.tokenizer} needs --tokenizer-path (a tokenizer file or its folder)")
     if args.shard_tokens < 1:
         parser.error("--shard-tokens must be at least 1")
     if not 0.0 <= args.validation_fraction < 1.0:
