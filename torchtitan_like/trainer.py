@@ -91,6 +91,11 @@ class Trainer:
         self.rank = rank
         self.finished = False  # train() returned or stopped on preemption, on every rank alike
         # --- every user-input check happens before the process group exists
+        try:
+            os.makedirs(config.job.dump_folder, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"job.dump_folder = {config.job.dump_folder!r} cannot be created: "
+                              f"{error.strerror or error}") from None
         self.tokenizer = build_tokenizer(config.model)
         self.spec, self.model_args = resolve_model_args(config, self.tokenizer)
         validate_config(config, self.model_args)

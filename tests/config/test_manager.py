@@ -99,6 +99,7 @@ BAD_INPUTS = [
     (["--lr_scheduler.warmup_steps", "500", "--training.steps", "10"], "warmup_steps = 500 is larger than training.steps = 10"),
     (["--training.seq_len", "4096"], "exceeds the model's maximum sequence length 2048"),
     (["--validation.seq_len", "1"], "validation.seq_len = 1: use -1 (training.seq_len) or at least 2"),
+    (["--job.dump_folder", "/dev/null/run"], "job.dump_folder = '/dev/null/run' cannot be created: Not a directory"),
     (["--model.flavor", "9B"], "model.flavor = '9B' is not a flavor of llama3"),
     (["--model.vocab_size", "100"], "model.vocab_size = 100 is smaller than the tokenizer's vocabulary (258)"),
     (["--parallelism.tensor_parallel_degree", "2"], "must equal the number of processes"),
