@@ -285,9 +285,8 @@ class Trainer:
         return local_tokens / self.parallel_dims.non_data_parallel_size
 
     def _write_config(self) -> None:
-        """Rank 0 writes the resolved config beside the run's outputs."""
+        """Rank 0 writes the resolved config beside the run's outputs (the folder exists: __init__)."""
         if self.rank == 0:
-            os.makedirs(self.config.job.dump_folder, exist_ok=True)
             with open(os.path.join(self.config.job.dump_folder, "config.toml"), "w") as handle:
                 handle.write(to_toml(self.config))
 

@@ -13,6 +13,7 @@ import pytest
 
 from tests.forking import run_cli_cases
 from tests.helpers import tiny_overrides
+from torchtitan_like.errors import ConfigError
 
 CASE_TIMEOUT_SECONDS = 60
 
@@ -123,13 +124,23 @@ def test_zero_bubble_refusals_leave_the_combinations_that_train_alone():
     compiled = SimpleNamespace(enable=True, components=["model", "loss"])
     not_compiled = SimpleNamespace(enable=False, components=["model", "loss"])
     per_op = SimpleNamespace(mode="selective", selective_ac_option="op")
+    refused = []
+
+    def check(dims, name, *args, **kwargs):
+        try:
+            dims.validate_features(*args, **kwargs)
+        except ConfigError as error:
+            refused.append(f"{name}: {error}")
+
     for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"):
-        pp_fsdp.validate_features(parallelism(schedule, "always"), compiled, "cpu", activation_checkpoint=per_op)
+        check(pp_fsdp, f"{schedule} compiled, per-op AC, reshard always", parallelism(schedule, "always"), compiled,
+              "cpu", activation_checkpoint=per_op)
     for schedule in ("InterleavedZeroBubble", "ZBVZeroBubble"):
         for reshard in ("default", "never"):
             for mode, option in (("none", "op"), ("full", "op"), ("selective", "2")):
-                pp_fsdp.validate_features(parallelism(schedule, reshard), not_compiled, "cpu",
-                                          activation_checkpoint=SimpleNamespace(mode=mode, selective_ac_option=option))
+                check(pp_fsdp, f"{schedule} reshard {reshard}, AC {mode} {option}", parallelism(schedule, reshard),
+                      not_compiled, "cpu", activation_checkpoint=SimpleNamespace(mode=mode, selective_ac_option=option))
         # without FSDP there is nothing to reshard
-        ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=2, world_size=2).validate_features(
-            parallelism(schedule, "always"), not_compiled, "cpu")
+        check(ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=2, world_size=2), f"{schedule} without FSDP",
+              parallelism(schedule, "always"), not_compiled, "cpu")
+    assert refused == []
