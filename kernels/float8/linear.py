@@ -41,7 +41,8 @@ taken, so each element is cast with exactly the scale the unsharded layer would 
              Spanning shards: x and W along K (tensor scales, or rowwise the forward row scales).
 
 Casts whose amax needs the reduction run as torch ops (amax, all-reduce, multiply, cast; bit-equal to
-the kernels), the rest in the Triton kernels. FSDP2 composes: by default weights are gathered in
+the kernels), the rest in the Triton kernels, called as custom ops (cast_ops.py) so that under
+torch.compile the sibling linears that read one input (q/k/v; w1/w3) share its cast. FSDP2 composes: by default weights are gathered in
 their param dtype and cast here; with float8.enable_fsdp_float8_all_gather (tensorwise, fsdp.py)
 FSDP2 gathers them already in fp8 and the forward GEMM and dgrad use that data and its scale as is.
 """
@@ -54,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torchtitan_like.kernels.float8 import cast_ops
 from torchtitan_like.kernels.float8 import quantize as q
 from torchtitan_like.kernels.float8.fsdp import Float8GatheredWeight
 from torchtitan_like.kernels.float8.gemm import resolve_backend, scaled_mm
@@ -97,9 +99,10 @@ class _Quantizers:
 
     def __init__(self, backend: str):
         emulate = backend == "emulate"
-        self._tensorwise = q.tensorwise_quantize_reference_t if emulate else q.tensorwise_quantize
-        self._rowwise = q.rowwise_quantize_reference if emulate else q.rowwise_quantize
-        self._colwise_t = q.colwise_quantize_t_reference if emulate else q.colwise_quantize_t
+        # the kernels as custom ops: under torch.compile, casts of one input by sibling linears merge
+        self._tensorwise = q.tensorwise_quantize_reference_t if emulate else cast_ops.tensorwise_quantize
+        self._rowwise = q.rowwise_quantize_reference if emulate else cast_ops.rowwise_quantize
+        self._colwise_t = q.colwise_quantize_t_reference if emulate else cast_ops.colwise_quantize_t
 
     def tensorwise(self, t, dtype, transpose, scale=None, group=None):
         """(t_fp8 | None, t_fp8^T | None, scale) with one scale; `scale` reuses an earlier one."""

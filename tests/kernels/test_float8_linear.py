@@ -237,3 +237,54 @@ def test_per_op_checkpointing_saves_the_triton_fp8_gemms(recipe="tensorwise"):
         gemms[mode] = counter.counts["torchtitan_like::fp8_scaled_mm"]
     assert gemms["none"] > 0 and gemms["full"] > gemms["none"]
     assert gemms["selective"] == gemms["none"]
+
+
+def test_compiled_llama_block_casts_the_shared_inputs_of_qkv_and_w1_w3_once(monkeypatch, recipe="tensorwise"):
+    # The casts are custom ops (cast_ops.py), so the partitioner's CSE merges the casts of one input
+    # by sibling linears: q/k/v read the attention norm's output, w1/w3 the FFN norm's. Eager casts
+    # it per linear. The merged run must give the eager block's outputs and gradients. (Rowwise merges
+    # its forward and wgrad casts the same way; checked once by hand, 24 s of interpreter time in CI.)
+    from torchtitan_like.models.llama3 import Transformer, get_flavor
+
+    args = get_flavor("debugmodel")
+    args.vocab_size, args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.multiple_of = 64, 32, 1, 2, 1, 16
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    convert_to_float8(model, Float8(enable=True, recipe_name=recipe, backend="triton"))
+    block = model.layers["0"]
+    x = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
+    rope = model.rope_cache[:16]
+
+    counts = {}
+
+    def counted(name):
+        original = getattr(q, name)
+
+        def wrapper(t, *args, **kwargs):
+            if kwargs.get("scale") is None:  # a cast that computes its scale (not the weight re-cast)
+                counts[name] = counts.get(name, 0) + 1
+            return original(t, *args, **kwargs)
+        return wrapper
+
+    for name in ("tensorwise_quantize", "rowwise_quantize", "colwise_quantize_t"):
+        monkeypatch.setattr(q, name, counted(name))
+
+    def run(fn):
+        counts.clear()
+        block.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        out = fn(inp, rope)
+        out.float().pow(2).mean().backward()
+        grads = [p.grad.clone() for p in block.parameters()]
+        return dict(counts), out.detach(), inp.grad, grads
+
+    eager_counts, *eager = run(block)
+    compiled_counts, *compiled = run(torch.compile(block, backend="aot_eager_decomp_partition", fullgraph=True))
+    # Casts that compute a scale: 7 inputs, 7 weights, 7 gradients eager; compiled the 7 inputs
+    # are 4 distinct tensors (attention norm out, attention out, FFN norm out, SwiGLU out).
+    assert eager_counts["tensorwise_quantize"] == 21, eager_counts
+    assert compiled_counts["tensorwise_quantize"] == 18, compiled_counts
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-6)
+    for actual, expected in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

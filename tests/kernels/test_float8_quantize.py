@@ -107,3 +107,36 @@ def test_nan_and_inf_inputs_propagate_nan_like_the_reference(float8_dtype):
     assert same(scale, ref_scale) and same(out_t, ref_t)
     out, out_t, scale = q.tensorwise_quantize(x, float8_dtype, "also")
     assert scale.isnan() and out.float().isnan().all() and out_t.float().isnan().all()
+
+
+@pytest.mark.parametrize("transpose", ["no", "also", "only"])
+def test_cast_custom_ops_equal_the_kernels_and_pass_opcheck(transpose):
+    # cast_ops.py wraps the kernels as torch.library ops (one compile node each, merged by CSE);
+    # opcheck runs them through fake tensors and AOTAutograd, so a wrong fake shape fails here.
+    from torchtitan_like.kernels.float8 import cast_ops
+
+    x = _hard_input((24, 40), torch.bfloat16)
+    given_scale = torch.tensor(3.5)
+    pairs = [
+        (cast_ops.tensorwise_quantize(x, q.E4M3, transpose), q.tensorwise_quantize(x, q.E4M3, transpose)),
+        (cast_ops.tensorwise_quantize(x, q.E5M2, transpose, scale=given_scale),
+         q.tensorwise_quantize(x, q.E5M2, transpose, scale=given_scale)),
+        (cast_ops.rowwise_quantize(x, q.E4M3), q.rowwise_quantize(x, q.E4M3)),
+        (cast_ops.colwise_quantize_t(x, q.E4M3), q.colwise_quantize_t(x, q.E4M3)),
+    ]
+    for ours, kernel in pairs:
+        assert len(ours) == len(kernel)
+        for a, b in zip(ours, kernel):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape == b.shape and a.dtype == b.dtype
+                assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                                   b.view(torch.uint8) if b.element_size() == 1 else b)
+    torch.library.opcheck(torch.ops.torchtitan_like.fp8_tensorwise_cast.default, (x, q.E4M3, transpose))
+    torch.library.opcheck(torch.ops.torchtitan_like.fp8_tensorwise_cast_scaled.default,
+                          (x, given_scale, q.E5M2, transpose))
+    if transpose == "no":
+        torch.library.opcheck(torch.ops.torchtitan_like.fp8_rowwise_cast.default, (x, q.E4M3))
+        torch.library.opcheck(torch.ops.torchtitan_like.fp8_colwise_cast_t.default, (x, q.E4M3))
+    with pytest.raises(ValueError, match="transpose must be"):
+        cast_ops.tensorwise_quantize(x, q.E4M3, "sideways")
