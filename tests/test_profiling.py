@@ -42,6 +42,21 @@ def test_traces_are_written_at_multiples_of_profile_freq_and_parse_as_json(tmp_p
     assert any(name.startswith("aten::") for name in names)
 
 
+@pytest.mark.parametrize("profile_freq,last_step", [(1, 3), (10, 9)])
+def test_trace_opened_for_a_step_that_never_ran_is_not_saved(tmp_path, profile_freq, last_step):
+    # The last step() opens the trace of the step after it; the run ends first. Saved on exit, it
+    # would overwrite step 3's trace with an empty one (freq 1) or add an empty "iteration_9" (freq 10).
+    config = Profiling(enable_profiling=True, profile_freq=profile_freq, save_traces_folder="traces")
+    with maybe_enable_profiling(config, str(tmp_path), global_step=0, rank=0) as profiler:
+        _train(range(1, last_step + 1), profiler)
+    traced = _traced_steps(tmp_path / "traces")
+    assert traced == list(range(profile_freq, last_step + 1, profile_freq))
+    for step in traced:
+        with open(tmp_path / "traces" / f"iteration_{step}" / "rank0_trace.json") as trace_file:
+            names = {event.get("name", "") for event in json.load(trace_file)["traceEvents"]}
+        assert any(name.startswith("aten::") for name in names), step
+
+
 @pytest.mark.parametrize("resumed_at", [5, 8, 9])
 def test_resumed_run_keeps_tracing_multiples_of_profile_freq(tmp_path, resumed_at):
     # Resumed one step before a multiple (9 with freq 10) the first due trace is the very next step.

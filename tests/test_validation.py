@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 
 from tests.helpers import tiny_overrides
 from torchtitan_like.config import load_config
@@ -33,3 +34,16 @@ def test_validation_time_is_left_out_of_the_next_training_log_line(trainer):
     after = time.perf_counter()
     # The window of the next log line (tokens/s, MFU, data share) starts later by the validation's time.
     assert 0 < trainer.metrics.window_start - window_start <= after - before
+
+
+def test_evaluation_leaves_training_untouched(trainer):
+    # A run with validation must train exactly as one without: same data position, same RNG, the
+    # model back in train mode, and no gradients left behind for the next step to add to.
+    data_position = trainer.dataloader.state_dict()
+    rng_state = torch.get_rng_state()
+    trainer.validate()
+    assert trainer.dataloader.state_dict() == data_position
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert all(part.training for part in trainer.model_parts)
+    assert all(param.grad is None for part in trainer.model_parts for param in part.parameters())
+    assert torch.is_grad_enabled()

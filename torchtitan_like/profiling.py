@@ -62,8 +62,14 @@ def maybe_enable_profiling(profiling_config, dump_folder: str, global_step: int 
         return
     trace_root = os.path.join(dump_folder, profiling_config.save_traces_folder)
     wait, warmup, active = profiler_schedule(profiling_config.profile_freq)
+    leaving = False  # set as the loop leaves the block: a trace still open then holds no whole step
 
     def save_trace(profiler: torch.profiler.profile) -> None:
+        if leaving:
+            # The profiler saves an open trace on exit. It was opened by the last `.step()` for the
+            # step after it, which never ran (the run ended, or raised mid-step): saved, it would be
+            # named after the last finished step and, with profile_freq = 1, overwrite that step's trace.
+            return
         # step_num counts completed steps; the traced one is the step just finished.
         step = profiler.step_num + global_step
         folder = os.path.join(trace_root, f"iteration_{step}")
@@ -82,7 +88,10 @@ def maybe_enable_profiling(profiling_config, dump_folder: str, global_step: int 
     # start would leave that first action stale and could skip a due trace).
     with torch.profiler.profile(activities=activities, schedule=lambda step: cycle(step + global_step),
                                 on_trace_ready=save_trace, record_shapes=True) as profiler:
-        yield profiler
+        try:
+            yield profiler
+        finally:
+            leaving = True
 
 
 class MemorySnapshotRecorder:
