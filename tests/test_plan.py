@@ -21,8 +21,15 @@ def _plan(capsys, *argv: str) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
-SHIPPED = [("llama3_8b.toml", 8, []), ("llama3_70b.toml", 64, []), ("llama3_70b_256gpu.toml", 256, []),
-           ("llama3_405b.toml", 512, [])]
+SHIPPED = [("debug_model.toml", 1, []), ("llama3_1b.toml", 8, []), ("llama3_3b.toml", 8, []),
+           ("llama3_8b.toml", 8, []), ("llama3_8b_8layers_bench.toml", 1, []), ("llama3_70b.toml", 64, []),
+           ("llama3_70b_256gpu.toml", 256, []), ("llama3_405b.toml", 512, [])]
+
+
+def test_every_shipped_config_is_planned():
+    # A config added to train_configs/ without a row above would never be loaded or validated by CI.
+    shipped = sorted(name for name in os.listdir(os.path.join(REPO_ROOT, "train_configs")) if name.endswith(".toml"))
+    assert sorted(name for name, _, _ in SHIPPED) == shipped
 
 
 @pytest.mark.parametrize("config_name,ngpu,overrides", SHIPPED)
@@ -87,6 +94,66 @@ def test_pipeline_schedules_hold_the_documented_microbatches():
     assert in_flight_microbatches("Interleaved1F1B", 4, 16, 2) == pytest.approx(4 * (1 + 3 / 8))
 
 
+def test_looped_bfs_holds_every_microbatch_like_gpipe():
+    # torch's ScheduleLoopedBFS runs all forwards of every local stage before the first backward.
+    assert in_flight_microbatches("LoopedBFS", 4, 16, 2) == 16
+    assert in_flight_microbatches("LoopedBFS", 2, 4, 3) == 4
+
+
+@pytest.mark.parametrize("schedule", ["InterleavedZeroBubble", "ZBVZeroBubble"])
+def test_zero_bubble_schedules_hold_pp_microbatches_like_1f1b(schedule):
+    # Peaks of torch's action orders: rank 0 warms up with v * pp - 1 stage-microbatches, then each
+    # forward is matched by a weight-gradient step (Interleaved1F1B's warm-up is longer: 5.5 here).
+    assert in_flight_microbatches(schedule, 4, 16, 2) == 4
+    assert in_flight_microbatches(schedule, 8, 24, 2) == 8
+
+
+def _rank_layout(config_name: str, ngpu: int, rank: int, *overrides: str):
+    """The plan's RankLayout of one rank, built as `plan.plan` builds it."""
+    import torch.distributed as dist
+
+    from torchtitan_like.config import load_config
+    from torchtitan_like.models import get_model_spec
+    from torchtitan_like.parallelisms.parallel_dims import ParallelDims
+
+    config, _ = load_config(["--config", _config(config_name), *overrides])
+    spec = get_model_spec(config.model.name)
+    model_args = spec.args_for(config.model.flavor)
+    plan.resolve_vocab(config, model_args)
+    parallel_dims = ParallelDims.from_config(config.parallelism, ngpu)
+    try:
+        parts = plan.build_rank(config, parallel_dims, rank, spec, model_args)
+        return config, model_args, plan.rank_layout(parts, parallel_dims, config)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_selective_ac_counts_the_every_kth_layers_this_ranks_stage_holds():
+    # Every 3rd layer by global id is layer 2: the second of two 2-layer stages holds it although
+    # 2 // 3 = 0, and its estimate must include that block's recomputation.
+    from torchtitan_like.plan_memory import activation_bytes
+
+    ac = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "3",
+          "--parallelism.pipeline_parallel_degree", "2"]
+    _, _, first = _rank_layout("debug_model.toml", 2, 0, *ac)
+    config, args, second = _rank_layout("debug_model.toml", 2, 1, *ac)
+    assert (first.blocks_on_rank, first.checkpointed_blocks) == (2, 0)
+    assert (second.blocks_on_rank, second.checkpointed_blocks) == (2, 1)
+    shape = BlockShape(dim=args.dim, kv_dim=args.kv_heads * args.head_dim, ffn_hidden_dim=args.ffn_hidden_dim,
+                       vocab_size=args.vocab_size)
+    tokens, in_flight = config.training.seq_len, 2.0  # microbatches of 1 sample; 1F1B over 2 ranks
+    blocks, _ = activation_bytes(shape, second, "selective", "3", tokens, in_flight)
+    full, none = (block_activation_bytes_per_token(shape, 1, mode) for mode in ("full", "none"))
+    assert blocks == ((full + none) * in_flight + none) * tokens
+
+
+def test_vocab_smaller_than_the_tokenizers_exits_2_as_the_trainer_does(capsys):
+    # The byte tokenizer needs no files, so the plan can check the size against it as the trainer does.
+    code, output = _plan(capsys, "--config", _config("debug_model.toml"), "--ngpu", "1", "--model.vocab_size", "100")
+    assert code == 2, output
+    assert "model.vocab_size = 100 is smaller than the tokenizer's vocabulary (258)" in output
+
+
 def test_cpu_offload_without_data_parallel_exits_2():
     # One GPU has no FSDP-sharded state to offload: the flag would silently do nothing.
     result = run_cli(["--config", _config("llama3_8b_8layers_bench.toml"), "--ngpu", "1",
@@ -111,7 +178,8 @@ def _estimate(layout_overrides=None, **config_overrides):
 
     shape = BlockShape(dim=4096, kv_dim=1024, ffn_hidden_dim=14336, vocab_size=128256)
     layout = RankLayout(local_params=10**9, unit_params=[100, 200, 300], head_unit_params=300, blocks_on_rank=2,
-                        has_output=True, stages_on_rank=1, tp=4, pp=1, fsdp=True, reshard_after_forward=True)
+                        checkpointed_blocks=0, has_output=True, stages_on_rank=1, tp=4, pp=1, fsdp=True,
+                        reshard_after_forward=True)
     layout = replace(layout, **(layout_overrides or {}))
     training = Training(seq_len=1024, local_batch_size=4, **config_overrides.pop("training", {}))
     parallelism = Parallelism(**config_overrides.pop("parallelism", {}))

@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from torchtitan_like.config import gradient_accumulation_steps, load_config, validate_config
 from torchtitan_like.errors import ConfigError, UserError, run_command
@@ -53,16 +54,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def resolve_vocab(config, model_args) -> None:
-    """The vocabulary from model.vocab_size, else from the tokenizer (the trainer's rule)."""
-    if config.model.vocab_size != -1:
-        model_args.vocab_size = config.model.vocab_size
-        return
+    """The vocabulary by the trainer's rule (model.vocab_size, else the tokenizer's; a size below the
+    tokenizer's is an error); a given model.vocab_size alone where the tokenizer files are absent."""
     from torchtitan_like.data import build_tokenizer
+    from torchtitan_like.trainer import resolve_model_args
 
     try:
-        model_args.vocab_size = build_tokenizer(config.model).vocab_size
+        tokenizer = build_tokenizer(config.model)
     except UserError as error:
-        raise ConfigError(f"{error}; or pass --model.vocab_size N to plan without the tokenizer files") from None
+        if config.model.vocab_size == -1:
+            raise ConfigError(f"{error}; or pass --model.vocab_size N to plan without the tokenizer files") from None
+        # Planning a cluster run on a laptop that lacks the tokenizer: nothing to check the size against.
+        model_args.vocab_size = config.model.vocab_size
+        return
+    model_args.vocab_size = resolve_model_args(config, tokenizer)[1].vocab_size
 
 
 def _elements_after_tp(param: torch.Tensor, tp: int) -> float:
@@ -117,6 +122,10 @@ def rank_layout(parts: list[nn.Module], parallel_dims: ParallelDims, config) -> 
         local_params=sum(_local_elements(p) for part in parts for p in part.parameters()),
         unit_params=units, head_unit_params=head_unit,
         blocks_on_rank=sum(len(part.layers) for part in parts),
+        # Counted from the wrapped blocks: "every k-th layer" goes by global layer id, so a stage may
+        # hold more or fewer than blocks_on_rank // k of them.
+        checkpointed_blocks=sum(isinstance(block, CheckpointWrapper)
+                                for part in parts for block in part.layers.values()),
         has_output=any(part.output is not None for part in parts), stages_on_rank=len(parts),
         tp=tp, pp=parallel_dims.pp, fsdp=parallel_dims.fsdp_enabled,
         reshard_after_forward=reshard_after_forward_policy(config.parallelism.fsdp_reshard_after_forward,

@@ -38,14 +38,21 @@ the peak of one training step and is the sum of:
      SwiGLU pointwise ops: block input h, wq h, wk kv, wv kv, SDPA output h, w1 F, w3 F (split by
      tp), and the partial sums of wo and w2 before their reduce-scatter (2h, whole):
      (8h + 4kv + 4F) / tp + 4h bytes per token per block.
-   - `selective` with an integer k checkpoints every k-th block fully and keeps the rest whole.
+   - `selective` with an integer k checkpoints every k-th block by global layer id (layers k-1,
+     2k-1, ...) fully and keeps the rest whole; the caller counts those of this rank's stages, which
+     can be more than blocks_on_rank // k (layers 8-15 hold three of every 3rd layer, not two).
    The final norm and output projection add 4h bytes per token, and the loss's forward holds the
    logits (2V in bf16), their fp32 upcast (4V) and the fp32 log-softmax (4V) at once: 10V (8V in
    fp32, which needs no upcast; about 11V measured on CPU, the rest allocator transients). Split by
    tp under loss parallel; whole on every TP rank with `disable_loss_parallel`.
-4. **Pipeline in-flight microbatches**: a rank holds the activations of several microbatches. 1F1B
-   and zero-bubble schedules hold up to pp; the interleaved schedules up to pp * (1 + (pp - 1) /
-   (pp * v)) for v stages per rank (Narayanan et al. 2021, sec. 2.2.2); GPipe all of them.
+4. **Pipeline in-flight microbatches**: a rank holds the activations of several microbatches, in
+   units of all of its v stages' blocks. 1F1B holds up to pp, and so do both zero-bubble schedules
+   (InterleavedZeroBubble, ZBVZeroBubble: warm-up of v * pp - 1 stage-microbatches, then one
+   forward per weight-gradient step; Qi et al. 2023); Interleaved1F1B up to pp * (1 + (pp - 1) /
+   (pp * v)) (Narayanan et al. 2021, sec. 2.2.2; its warm-up runs 2 (pp - 1) stage-microbatches
+   beyond the v - 1 full rounds); GPipe all of them, and so does LoopedBFS (Lamy-Poirier 2023), which
+   runs every forward of all its stages before the first backward. These are the peaks of the
+   action orders torch's schedules compute (`_calculate_single_rank_operations`), rank 0 the highest.
 5. **Runtime overhead**: CUDA context, NCCL buffers, cuBLAS workspaces and allocator fragmentation,
    a fixed `RUNTIME_OVERHEAD_GIB`.
 
@@ -60,7 +67,8 @@ GIB = 1024 ** 3
 RUNTIME_OVERHEAD_GIB = 3.0
 FP32_BYTES, ADAMW_STATE_BYTES = 4, 8
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-INTERLEAVED_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
+# Every forward of a step before its first backward: all microbatches' activations at once.
+ALL_FORWARDS_FIRST_SCHEDULES = ("GPipe", "LoopedBFS")
 
 
 @dataclass
@@ -81,6 +89,7 @@ class RankLayout:
     unit_params: list[int]          # per FSDP unit of this rank's stages: elements after TP, before FSDP
     head_unit_params: int           # the norm + output unit's elements after TP (0 if not on this rank)
     blocks_on_rank: int             # transformer blocks in this rank's stages
+    checkpointed_blocks: int        # of those, the blocks activation checkpointing wraps
     has_output: bool                # this rank computes the logits (last pipeline stage)
     stages_on_rank: int
     tp: int
@@ -115,9 +124,9 @@ def in_flight_microbatches(schedule: str, pp: int, n_microbatches: int, stages_p
     """Microbatches whose activations a pipeline rank holds at its peak (item 4)."""
     if pp == 1:
         return 1.0
-    if schedule == "GPipe":
+    if schedule in ALL_FORWARDS_FIRST_SCHEDULES:
         return float(n_microbatches)
-    if schedule in INTERLEAVED_SCHEDULES and stages_per_rank > 1:
+    if schedule == "Interleaved1F1B" and stages_per_rank > 1:
         return min(float(n_microbatches), pp * (1 + (pp - 1) / (pp * stages_per_rank)))
     return float(min(n_microbatches, pp))
 
@@ -141,8 +150,7 @@ def activation_bytes(shape: BlockShape, layout: RankLayout, ac_mode: str, select
         per_block = block_activation_bytes_per_token(shape, tp, "full") * layout.blocks_on_rank
         recompute = block_activation_bytes_per_token(shape, tp, "none")
     elif ac_mode == "selective":
-        every_kth = int(selective_option)
-        checkpointed = layout.blocks_on_rank // every_kth
+        checkpointed = layout.checkpointed_blocks
         kept = layout.blocks_on_rank - checkpointed
         per_block = (block_activation_bytes_per_token(shape, tp, "full") * checkpointed
                      + block_activation_bytes_per_token(shape, tp, "none") * kept)

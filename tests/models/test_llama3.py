@@ -117,6 +117,17 @@ def test_published_parameter_counts(flavor, billions):
     assert args.num_params() / 1e9 == pytest.approx(billions, rel=0.005)
 
 
+def test_flops_per_token_is_six_non_embedding_params_plus_the_attention_term():
+    # TorchTitan's 6N + 12 L H Dh T with N the parameters minus the embedding lookup (Llama 3.1 8B).
+    untied = get_flavor("8B")
+    untied.vocab_size = 128256
+    assert untied.flops_per_token(8192) == 6 * (8_030_261_248 - 128256 * 4096) + 12 * 32 * 32 * 128 * 8192
+    # Tied (Llama 3.2 1B): the one matrix is also the LM head, whose matmul is counted.
+    tied = get_flavor("1B")
+    tied.vocab_size = 128256
+    assert tied.flops_per_token(8192) == 6 * 1_235_814_400 + 12 * 16 * 32 * 64 * 8192
+
+
 def test_parameter_count_formula_matches_module_and_tied_embeddings_share_storage():
     args = tiny_args(tie_word_embeddings=True)
     model = build(args)
