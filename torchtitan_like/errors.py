@@ -27,7 +27,12 @@ class DataError(UserError):
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    candidates = list(candidates)
+    # A case slip ("8b" for "8B") is the commonest typo of a flavor name; difflib alone misses it.
+    by_lower = {c.lower(): c for c in candidates}
+    if name.lower() in by_lower:
+        return f' (did you mean "{by_lower[name.lower()]}"?)'
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return f' (did you mean "{matches[0]}"?)' if matches else ""
 
 

@@ -152,3 +152,11 @@ def test_docs_config_md_is_generated_from_the_dataclasses():
 
     with open(os.path.join(REPO_ROOT, "docs", "config.md")) as handle:
         assert handle.read() == render(), "regenerate: python -m torchtitan_like.config.docs > docs/config.md"
+
+
+def test_a_flavor_name_in_the_wrong_case_gets_the_right_suggestion():
+    from torchtitan_like.errors import did_you_mean
+
+    assert did_you_mean("8b", ["debugmodel", "1B", "8B", "70B"]) == ' (did you mean "8B"?)'
+    assert did_you_mean("70b", ["debugmodel", "1B", "8B", "70B"]) == ' (did you mean "70B"?)'
+    assert did_you_mean("wholly-unrelated", ["8B", "70B"]) == ""
