@@ -159,3 +159,50 @@ def test_padded_vocabulary_ids_are_never_drawn_and_finished_rows_stay_at_eos():
     for row, start in enumerate(first_eos.tolist()):
         if bool((stopped.tokens[row] == eos).any()):
             assert bool((stopped.tokens[row, start:] == eos).all()), (row, stopped.tokens[row])
+
+
+def test_bfloat16_sampling_keeps_the_float32_rope_table_of_training(checkpoint_and_config):
+    """Mixed-precision training casts parameters, not the RoPE buffer: a bfloat16 table would rotate
+    every query and key by slightly other angles than the model was trained with."""
+    from types import SimpleNamespace
+
+    from torchtitan_like.models.llama3.model import rope_cos_sin
+
+    root, _ = checkpoint_and_config
+    config = SimpleNamespace(model=SimpleNamespace(name="llama3", flavor="tiny"))
+    model, _ = generate_cli.load_model(config, root, torch.device("cpu"), torch.bfloat16, ByteTokenizer())
+    assert model.output.weight.dtype == torch.bfloat16
+    assert torch.equal(model.rope_cache, rope_cos_sin(model.args, model.args.max_seq_len))
+
+
+def test_cli_refuses_a_hugging_face_import_whose_rope_differs_from_the_flavor(tmp_path, monkeypatch, capsys):
+    """Same shapes, other RoPE base: the weights would load and sample nonsense."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from torchtitan_like.checkpoint.hf_convert import import_hf
+    from torchtitan_like.models.llama3.state_dict_adapter import Llama3StateDictAdapter, hf_config
+
+    monkeypatch.setitem(LLAMA3_FLAVORS, "tiny", TINY)
+    args = Llama3Args(**{**TINY.__dict__, "vocab_size": ByteTokenizer().vocab_size, "rope_theta": 10000.0})
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(args)))
+    hf_state = Llama3StateDictAdapter(args).to_hf(model.state_dict())
+    save_file({name: value.contiguous() for name, value in hf_state.items()},
+              str(tmp_path / "hf" / "model.safetensors"))
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    config = tmp_path / "tiny.toml"
+    config.write_text('[model]\nname = "llama3"\nflavor = "tiny"\ntokenizer = "byte"\n')
+    code = generate_cli.main(["--config", str(config), "--checkpoint", str(tmp_path / "imported"), "--prompt", "x"])
+    assert code == 2 and "rope_theta: imported 10000.0, model.flavor gives 500000.0" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_untied_checkpoint_for_a_tied_flavor(checkpoint_and_config, monkeypatch, capsys):
+    """The shapes fit, and loading both matrices into the one tied Parameter would keep only one."""
+    root, config = checkpoint_and_config
+    monkeypatch.setitem(LLAMA3_FLAVORS, "tiny_tied", Llama3Args(**{**TINY.__dict__, "tie_word_embeddings": True}))
+    code = generate_cli.main(["--config", config, "--checkpoint", root, "--prompt", "x", "--model.flavor", "tiny_tied"])
+    assert code == 2 and "trained with an untied LM head" in capsys.readouterr().err

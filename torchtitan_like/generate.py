@@ -113,13 +113,17 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
 # -------------------------------------------------------------------------------------- loading
 def load_model(config, checkpoint_path: str, device: torch.device, dtype: torch.dtype, tokenizer):
     """The configured model with the checkpoint's weights, in eval mode on `device`."""
-    from torchtitan_like.checkpoint.hf_convert import read_dcp_model
+    from torchtitan_like.checkpoint.hf_convert import (check_imported_architecture, check_tied_embeddings,
+                                                         read_dcp_model)
     from torchtitan_like.models import get_model_spec
     from torchtitan_like.models.llama3.model import rope_cos_sin
 
     folder, state = read_dcp_model(checkpoint_path)
     spec = get_model_spec(config.model.name)
     args = spec.args_for(config.model.flavor)
+    # As the trainer does: a Hugging Face import loads into any flavor of its shapes, and one with
+    # another RoPE base or scaling would sample from other logits without a word.
+    check_imported_architecture(checkpoint_path, config.model.name, args)
     args.norm_type = "rmsnorm"  # the PyTorch norm: the same `weight`, and it runs on any device
     if "tok_embeddings.weight" not in state:
         raise UserError(f"checkpoint {folder.path} has no tok_embeddings.weight; is it a {config.model.name} model?")
@@ -137,10 +141,14 @@ def load_model(config, checkpoint_path: str, device: torch.device, dtype: torch.
         problems += [f"{name}: not in the model" for name in found if name not in expected]
         raise UserError(f"checkpoint {folder.path} does not fit {config.model.name} {config.model.flavor} "
                         f"(another flavor?):\n  " + "\n  ".join(problems[:20]))
+    check_tied_embeddings(state, args, folder.path)
     model.to_empty(device=device)
     model.load_state_dict({name: value.to(dtype) for name, value in state.items()})
+    model.to(dtype)
+    # After the cast: the RoPE table stays float32, as in training (mixed precision casts only the
+    # parameters); a bfloat16 table perturbs every rotation by up to 2e-3.
     model.rope_cache = rope_cos_sin(args, args.max_seq_len, device=device)
-    return model.to(dtype).eval(), folder
+    return model.eval(), folder
 
 
 # ------------------------------------------------------------------------------ command line

@@ -130,11 +130,14 @@ def args_from_hf_config(config: dict) -> Llama3Args:
         raise ConfigError(f"Hugging Face config: head_dim {config['head_dim']} != hidden_size / num_attention_heads "
                           f"({dim // n_heads}) is not supported")
     rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+    scaling = config.get("rope_scaling") or rope
+    # transformers 4 names the type "type" in older configs; "default" (written by some versions in
+    # rope_scaling too) is plain RoPE.
+    scaling_type = scaling.get("rope_type", scaling.get("type"))
     rope_scaling = None
-    if scaling:
-        if scaling.get("rope_type", scaling.get("type")) != "llama3":
-            raise ConfigError(f"Hugging Face config: rope scaling type {scaling.get('rope_type')!r} is not supported "
+    if scaling_type not in (None, "default"):
+        if scaling_type != "llama3":
+            raise ConfigError(f"Hugging Face config: rope scaling type {scaling_type!r} is not supported "
                               f"(only 'llama3')")
         rope_scaling = RopeScaling(factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
                                    high_freq_factor=scaling["high_freq_factor"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 
 import pytest
@@ -168,3 +169,163 @@ def test_export_reads_the_training_commands_overrides_with_its_config(tmp_path, 
         main(["export", "--checkpoint", str(tmp_path / "checkpoint"), "--output", str(tmp_path / "hf2"),
               "--flavor", "debugmodel", "--model.flavor", "1B"])
     assert usage_error.value.code == 2
+
+
+def _write_hf_folder(folder, args, seed=1, shards=1, dtype=torch.float32):
+    """A Hugging Face folder (config.json, safetensors) of a tiny model, written without transformers;
+    with shards > 1, `model-0000i-of-0000n.safetensors` and the index. Returns our state dict."""
+    from safetensors.torch import save_file
+
+    state = {name: value.to(dtype) for name, value in build_model(args, seed=seed).state_dict().items()}
+    hf_state = {name: value.contiguous() for name, value in Llama3StateDictAdapter(args).to_hf(state).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(args)))
+    if shards == 1:
+        save_file(hf_state, str(folder / "model.safetensors"))
+        return state
+    names = sorted(hf_state)
+    weight_map = {}
+    for index in range(shards):
+        file_name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({name: hf_state[name] for name in names[index::shards]}, str(folder / file_name))
+        weight_map.update({name: file_name for name in names[index::shards]})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return state
+
+
+def _assert_imported(tmp_path, hf_folder, expected_state):
+    import_hf(str(hf_folder), str(tmp_path / "imported"))
+    _, imported = read_dcp_model(str(tmp_path / "imported"))
+    assert imported.keys() == expected_state.keys()
+    assert all(torch.equal(imported[key], value) for key, value in expected_state.items())
+
+
+@pytest.mark.parametrize("first_shard_bytes,second_shard_bytes", [(20_000, 10**9), (10**9, 20_000)])
+def test_reexport_into_the_same_folder_replaces_the_previous_weight_layout(tmp_path, first_shard_bytes,
+                                                                          second_shard_bytes):
+    """A sharded export over an unsharded one (or the reverse) must not leave the old layout: readers
+    disagree on which of model.safetensors and an index wins, and one would load the old weights."""
+    from torchtitan_like.checkpoint.hf_convert import write_dcp_model
+
+    args = tiny_args()
+    first, second = build_model(args, seed=1), build_model(args, seed=2)
+    write_dcp_model(first.state_dict(), str(tmp_path / "first"))
+    write_dcp_model(second.state_dict(), str(tmp_path / "second"))
+    export_hf(str(tmp_path / "first"), str(tmp_path / "hf"), tiny_args(), max_shard_bytes=first_shard_bytes)
+    files = export_hf(str(tmp_path / "second"), str(tmp_path / "hf"), tiny_args(), max_shard_bytes=second_shard_bytes)
+    index = ["model.safetensors.index.json"] if len(files) > 1 else []
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(["config.json", *files, *index])
+    _assert_imported(tmp_path, tmp_path / "hf", second.state_dict())
+
+
+def test_import_reads_model_safetensors_before_an_index_beside_it_as_transformers_does(tmp_path):
+    args = tiny_args()
+    _write_hf_folder(tmp_path / "hf", args, seed=1, shards=2)  # index and shards of another model
+    expected = _write_hf_folder(tmp_path / "hf", args, seed=2)
+    _assert_imported(tmp_path, tmp_path / "hf", expected)
+
+
+def test_import_of_a_sharded_bfloat16_folder_keeps_the_weights_bit_exact(tmp_path):
+    """As Meta's Llama 3 downloads are stored: bfloat16, several shards, tied embeddings."""
+    args = tiny_args(tie_word_embeddings=True)
+    state = _write_hf_folder(tmp_path / "hf", args, shards=3, dtype=torch.bfloat16)
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    _, imported = read_dcp_model(str(tmp_path / "imported"))
+    assert imported.keys() == state.keys()
+    for key, value in state.items():
+        assert imported[key].dtype == torch.float32 and torch.equal(imported[key].to(torch.bfloat16), value), key
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _edit_config(folder, **settings):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(settings)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _edit_weights(path, drop=(), add=None):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {name: value for name, value in load_file(str(path)).items() if name not in drop}
+    save_file({**tensors, **(add or {})}, str(path))
+
+
+SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+BAD_HF_FOLDERS = {  # name: (shards, tied, change to the folder, what the error names)
+    "truncated_shard": (2, False, lambda folder: _truncate(folder / SHARD_2),
+                        f"{SHARD_2}: not a readable safetensors file"),
+    "index_not_json": (2, False, lambda folder: (folder / "model.safetensors.index.json").write_text("{"),
+                       "model.safetensors.index.json: not a safetensors index"),
+    "index_without_weight_map": (2, False, lambda folder: (folder / "model.safetensors.index.json").write_text("{}"),
+                                 "model.safetensors.index.json: not a safetensors index"),
+    "tensor_in_two_shards": (2, False, lambda folder: _edit_weights(folder / SHARD_2, add={
+        "model.norm.weight": torch.ones(64)}), f"model.norm.weight is in both {SHARD_1} and {SHARD_2}"),
+    "tied_without_embedding": (1, True, lambda folder: _edit_weights(
+        folder / "model.safetensors", drop=["model.embed_tokens.weight"]),
+        "weight model.embed_tokens.weight is missing"),
+    "untied_without_lm_head": (1, False, lambda folder: _edit_weights(
+        folder / "model.safetensors", drop=["lm_head.weight"]), "weight lm_head.weight is missing"),
+    "extra_tensor": (1, False, lambda folder: _edit_weights(folder / "model.safetensors", add={
+        "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
+        "model.layers.0.self_attn.q_proj.bias (in model.safetensors)"),
+    "fewer_key_value_heads": (1, False, lambda folder: _edit_config(folder, num_key_value_heads=4),
+                              "model.layers.0.self_attn.k_proj.weight (in model.safetensors) has shape (32, 64), "
+                              "config.json implies (64, 64)"),
+    "query_rows_not_whole_heads": (1, False, lambda folder: _edit_weights(folder / "model.safetensors", add={
+        "model.layers.1.self_attn.q_proj.weight": torch.zeros(60, 64)}),
+        "model.layers.1.self_attn.q_proj.weight (in model.safetensors) has shape (60, 64)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_HF_FOLDERS))
+def test_import_of_a_bad_hf_folder_exits_2_naming_the_tensor_or_file(tmp_path, capsys, name):
+    from torchtitan_like.checkpoint.hf_convert import main
+
+    shards, tied, change, message = BAD_HF_FOLDERS[name]
+    _write_hf_folder(tmp_path / "hf", tiny_args(tie_word_embeddings=tied), shards=shards)
+    change(tmp_path / "hf")
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_without_safetensors_installed_exits_2_saying_what_to_install(tmp_path, capsys, monkeypatch):
+    from torchtitan_like.checkpoint.hf_convert import main
+
+    _write_hf_folder(tmp_path / "hf", tiny_args())
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # `import safetensors` raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "out")]) == 2
+    assert "pip install safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rope_scaling,expected", [
+    ({"rope_type": "default"}, None),  # plain RoPE, as some transformers versions write it
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, RopeScaling(factor=8.0)),  # the older "type" key
+])
+def test_hf_rope_scaling_spellings_read_as_the_rope_they_describe(rope_scaling, expected):
+    config = {**hf_config(tiny_args()), "rope_scaling": rope_scaling}
+    del config["rope_parameters"]
+    assert args_from_hf_config(config).rope_scaling == expected
+
+
+def test_unsupported_hf_rope_scaling_type_is_named_in_the_error():
+    config = {**hf_config(tiny_args()), "rope_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(ConfigError, match="rope scaling type 'linear' is not supported"):
+        args_from_hf_config(config)
+
+
+def test_export_with_a_tied_architecture_refuses_an_untied_checkpoint(tmp_path):
+    """Same shapes either way; exporting tied would drop the trained LM head without a word."""
+    from torchtitan_like.checkpoint.hf_convert import write_dcp_model
+    from torchtitan_like.errors import DataError
+
+    write_dcp_model(build_model(tiny_args(), seed=1).state_dict(), str(tmp_path / "untied"))
+    with pytest.raises(DataError, match="trained with an untied LM head"):
+        export_hf(str(tmp_path / "untied"), str(tmp_path / "hf"), tiny_args(tie_word_embeddings=True))
+    assert not (tmp_path / "hf").exists()

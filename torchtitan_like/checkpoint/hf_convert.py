@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -57,6 +58,18 @@ def read_dcp_model(checkpoint_path: str) -> tuple[folders.CheckpointFolder, dict
     return folder, loaded["model"]
 
 
+def check_tied_embeddings(state: dict[str, torch.Tensor], args, checkpoint_path: str) -> None:
+    """DataError when the architecture ties the LM head to the embedding but the checkpoint holds two
+    different matrices (trained untied, e.g. exported or sampled with the tied flavor by mistake):
+    the shapes fit, and one of the two would silently be dropped."""
+    if not getattr(args, "tie_word_embeddings", False):
+        return
+    embedding, head = state.get("tok_embeddings.weight"), state.get("output.weight")
+    if embedding is not None and head is not None and not torch.equal(embedding, head):
+        raise DataError(f"checkpoint {checkpoint_path} was trained with an untied LM head (output.weight differs "
+                        f"from tok_embeddings.weight), but the configured model ties them: choose the untied flavor")
+
+
 def write_dcp_model(state: dict[str, torch.Tensor], output_root: str, step: int = 0) -> str:
     """A model-only complete checkpoint `output_root/step-<step>` written from this process."""
     folders.ensure_writable(output_root)
@@ -66,27 +79,50 @@ def write_dcp_model(state: dict[str, torch.Tensor], output_root: str, step: int 
     return final_path
 
 
-def _read_safetensors(hf_folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _safetensors():
+    """The safetensors module (an optional dependency: the `hf` extra), or a UserError saying so."""
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError:
+        raise ConfigError("Hugging Face conversion reads and writes safetensors, which is not installed: "
+                          "pip install safetensors (or this package's [hf] extra)") from None
+    return safetensors
 
+
+def _read_safetensors(hf_folder: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors by name, the file each came from)."""
+    safetensors = _safetensors()
     index_path = os.path.join(hf_folder, SAFETENSORS_INDEX)
-    if os.path.isfile(index_path):
-        with open(index_path) as index_file:
-            files = sorted(set(json.load(index_file)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(hf_folder, "model.safetensors")):
+    # transformers' order: a model.safetensors beside an index wins, so both read the same weights.
+    if os.path.isfile(os.path.join(hf_folder, "model.safetensors")):
         files = ["model.safetensors"]
+    elif os.path.isfile(index_path):
+        try:
+            with open(index_path) as index_file:
+                files = sorted(set(json.load(index_file)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(f"{index_path}: not a safetensors index (expected JSON with a \"weight_map\" of "
+                            f"tensor name -> shard file; {type(error).__name__}: {error})") from None
     else:
         files = sorted(name for name in os.listdir(hf_folder) if name.endswith(".safetensors"))
     if not files:
         raise DataError(f"{hf_folder}: no model.safetensors, {SAFETENSORS_INDEX} or *.safetensors files "
                         f"(PyTorch .bin weights are not read: they need unpickling)")
-    state = {}
+    state, source = {}, {}
     for name in files:
         path = os.path.join(hf_folder, name)
         if not os.path.isfile(path):
             raise DataError(f"{hf_folder}: shard {name} listed in {SAFETENSORS_INDEX} is missing")
-        state.update(load_file(path))
-    return state
+        try:
+            tensors = safetensors.torch.load_file(path)
+        except safetensors.SafetensorError as error:
+            raise DataError(f"{path}: not a readable safetensors file ({error}); an interrupted download?") from None
+        for key, value in tensors.items():
+            if key in source:
+                raise DataError(f"{hf_folder}: tensor {key} is in both {source[key]} and {name}")
+            state[key], source[key] = value, name
+    return state, source
 
 
 def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> str:
@@ -106,17 +142,25 @@ def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> s
         args = _adapter_module(model_name).args_from_hf_config(hf_config)
     except KeyError as error:
         raise DataError(f"{config_path}: missing setting {error} (expected a Hugging Face model config)") from None
-    state = spec.state_dict_adapter(args).from_hf(_read_safetensors(hf_folder))
-    expected = _meta_model_state(model_name, args)
-    unexpected = sorted(set(state) - set(expected))
+    adapter = spec.state_dict_adapter(args)
+    hf_state, source = _read_safetensors(hf_folder)
+    # Checked under the Hugging Face names, before the q/k permutation reshapes anything, so that
+    # each message names a key the user can find in the files.
+    expected = adapter.to_hf(_meta_model_state(model_name, args))
+    ignored = {name for name in hf_state if name.endswith("rotary_emb.inv_freq")}  # a recomputed buffer
+    if args.tie_word_embeddings:
+        ignored.add("lm_head.weight")  # some tied exports store it too; the embedding is used
+    unexpected = sorted(set(hf_state) - set(expected) - ignored)
     if unexpected:
-        raise DataError(f"{hf_folder}: weights not in the model built from config.json: {', '.join(unexpected[:20])}")
+        raise DataError(f"{hf_folder}: weights not in the model built from config.json: "
+                        + ", ".join(f"{name} (in {source[name]})" for name in unexpected[:20]))
     for name, meta in expected.items():
-        if name not in state:
-            raise DataError(f"{hf_folder}: weight for {name} is missing")
-        if tuple(state[name].shape) != tuple(meta.shape):
-            raise DataError(f"{hf_folder}: {name} has shape {tuple(state[name].shape)}, config.json implies "
-                            f"{tuple(meta.shape)}")
+        if name not in hf_state:
+            raise DataError(f"{hf_folder}: weight {name} is missing (config.json implies it)")
+        if tuple(hf_state[name].shape) != tuple(meta.shape):
+            raise DataError(f"{hf_folder}: {name} (in {source[name]}) has shape {tuple(hf_state[name].shape)}, "
+                            f"config.json implies {tuple(meta.shape)}")
+    state = adapter.from_hf(hf_state)
     state = {name: value.to(torch.float32).contiguous() for name, value in state.items()}
     if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -167,6 +211,19 @@ def _ensure_output_writable(folder: str) -> None:
                           ) from None
 
 
+# The weight files an export writes: model.safetensors, or shards and their index.
+_EXPORTED_WEIGHTS = re.compile(r"^(model\.safetensors|model-\d+-of-\d+\.safetensors|model\.safetensors\.index\.json)$")
+
+
+def _remove_previous_weights(folder: str) -> None:
+    """Delete the weights of an earlier export into `folder`. Otherwise a re-export with another
+    sharding leaves both layouts there, and readers disagree on which to load: transformers takes
+    model.safetensors, an index-first reader the old shards."""
+    for name in os.listdir(folder):
+        if _EXPORTED_WEIGHTS.match(name):
+            os.remove(os.path.join(folder, name))
+
+
 def _adapter_module(model_name: str):
     import importlib
 
@@ -183,14 +240,14 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
     transformers assumes its defaults (1 and 2), and `generate()` would never stop at our EOS.
     `given_ids` ({"--bos-id": id, ...}): ids the user typed, which must lie in the checkpoint's vocabulary.
     """
-    from safetensors.torch import save_file
-
+    save_file = _safetensors().torch.save_file
     folder, state = read_dcp_model(checkpoint_path)
     if "tok_embeddings.weight" not in state:
         raise DataError(f"checkpoint {folder.path} has no tok_embeddings.weight: not a Llama checkpoint")
     if args.vocab_size <= 0:
         args.vocab_size = int(state["tok_embeddings.weight"].shape[0])
     check_model_shapes(_meta_model_state(model_name, args), read_metadata(folder.path), folder.path)
+    check_tied_embeddings(state, args, folder.path)
     for flag, token_id in (given_ids or {}).items():
         if token_id is not None and not 0 <= token_id < args.vocab_size:
             raise ConfigError(f"{flag} {token_id}: must be a token id in [0, {args.vocab_size - 1}] "
@@ -198,6 +255,7 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
     adapter = get_model_spec(model_name).state_dict_adapter(args)
     hf_state = {name: value.to(EXPORT_DTYPES[dtype]).contiguous() for name, value in adapter.to_hf(state).items()}
     _ensure_output_writable(output_folder)
+    _remove_previous_weights(output_folder)
     hf_config = _adapter_module(model_name).hf_config(args, dtype)
     token_ids = {key: value for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id))
                  if value is not None}
