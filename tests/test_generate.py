@@ -206,3 +206,10 @@ def test_cli_refuses_an_untied_checkpoint_for_a_tied_flavor(checkpoint_and_confi
     monkeypatch.setitem(LLAMA3_FLAVORS, "tiny_tied", Llama3Args(**{**TINY.__dict__, "tie_word_embeddings": True}))
     code = generate_cli.main(["--config", config, "--checkpoint", root, "--prompt", "x", "--model.flavor", "tiny_tied"])
     assert code == 2 and "trained with an untied LM head" in capsys.readouterr().err
+
+
+def test_generate_asks_for_at_least_one_new_token():
+    model = Transformer(Llama3Args(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32, multiple_of=16,
+                                   max_seq_len=8))
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), max_new_tokens=0)

@@ -80,6 +80,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     """
     from torchtitan_like.models.llama3.generation import KVCache, forward_with_cache
 
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     batch, prompt_len = prompt.shape
     generator = torch.Generator(device=prompt.device)
     generator.manual_seed(seed)

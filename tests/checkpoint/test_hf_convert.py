@@ -329,3 +329,18 @@ def test_export_with_a_tied_architecture_refuses_an_untied_checkpoint(tmp_path):
     with pytest.raises(DataError, match="trained with an untied LM head"):
         export_hf(str(tmp_path / "untied"), str(tmp_path / "hf"), tiny_args(tie_word_embeddings=True))
     assert not (tmp_path / "hf").exists()
+
+
+def test_import_into_a_folder_holding_a_runs_checkpoints_is_refused_and_leaves_them(tmp_path):
+    """Beside step-N the import (step-0) would never be loaded: the newest step wins. A previous
+    import alone may be replaced."""
+    from torchtitan_like.checkpoint.hf_convert import write_dcp_model
+
+    args = tiny_args()
+    _write_hf_folder(tmp_path / "hf", args, seed=1)
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))  # re-import: fine
+    write_dcp_model(build_model(args, seed=2).state_dict(), str(tmp_path / "ckpt"), step=40)
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(step-40\).*choose an empty folder"):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["hf_import_config.json", "step-0", "step-40"]

@@ -140,7 +140,7 @@ def check_complete(path: str) -> dict:
     return marker
 
 
-def _step_folders(root: str) -> list[tuple[int, str]]:
+def step_folders(root: str) -> list[tuple[int, str]]:
     if not os.path.isdir(root):
         return []
     found = []
@@ -155,7 +155,7 @@ def complete_checkpoints(root: str, warn: bool = True) -> list[CheckpointFolder]
     """Complete checkpoints under `root`, oldest first; incomplete or damaged ones are skipped with a
     warning that names them. Save-in-progress folders (`step-N.tmp`) are never considered."""
     complete = []
-    for step, path in _step_folders(root):
+    for step, path in step_folders(root):
         try:
             complete.append(CheckpointFolder(step, path, check_complete(path)))
         except DataError as error:

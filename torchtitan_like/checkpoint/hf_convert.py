@@ -143,6 +143,7 @@ def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> s
     except KeyError as error:
         raise DataError(f"{config_path}: missing setting {error} (expected a Hugging Face model config)") from None
     adapter = spec.state_dict_adapter(args)
+    _refuse_a_training_folder(output_root)
     hf_state, source = _read_safetensors(hf_folder)
     # Checked under the Hugging Face names, before the q/k permutation reshapes anything, so that
     # each message names a key the user can find in the files.
@@ -200,6 +201,17 @@ def check_imported_architecture(checkpoint_path: str, model_name: str, model_arg
         raise ConfigError(f"checkpoint {checkpoint_path} was imported from a Hugging Face model with another "
                           f"architecture than the configured model.flavor ({'; '.join(differences)}); the weights "
                           f"would load and compute different logits: choose the flavor matching the import")
+
+
+def _refuse_a_training_folder(output_root: str) -> None:
+    """The import is step-0; `initial_load_path` (and `export`) pick a folder's newest step, so beside
+    a run's step-N folders the import would be silently passed over. A previous import (step-0
+    alone) may be replaced."""
+    other_steps = [step for step, _ in folders.step_folders(output_root) if step != 0]
+    if other_steps:
+        raise ConfigError(f"--output {output_root!r} already holds checkpoints (step-{max(other_steps)}): the "
+                          f"import would be step-0 beside them and loading the folder picks the newest step, "
+                          f"not the import; choose an empty folder")
 
 
 def _ensure_output_writable(folder: str) -> None:
