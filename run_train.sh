@@ -8,7 +8,8 @@
 #   CONFIG_FILE  training TOML, default ./train_configs/debug_model.toml
 #   LOG_RANK     ranks whose output is shown, e.g. 0 or 0,7 (torchrun --local-ranks-filter), default 0
 #   LOG_DIR      if set, every rank's stdout/stderr is also written to files under this folder
-#   DRY_RUN=1    print the torchrun command instead of running it
+#   SKIP_CONFIG_CHECK=1  start torchrun without the one-process config check first
+#   DRY_RUN=1    print the torchrun command instead of running it (no config check either)
 # Multi-node runs: multinode_trainer.slurm (Slurm), see docs/operations.md.
 set -euo pipefail
 
@@ -16,6 +17,7 @@ NGPU=${NGPU:-1}
 CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
 DRY_RUN=${DRY_RUN:-0}
+SKIP_CONFIG_CHECK=${SKIP_CONFIG_CHECK:-0}
 LOG_DIR=${LOG_DIR:-}
 
 if ! [[ "${NGPU}" =~ ^[1-9][0-9]*$ ]]; then
@@ -44,5 +46,11 @@ if [[ "${DRY_RUN}" == "1" ]]; then
   printf '%q ' "${command[@]}"
   printf '\n'
   exit 0
+fi
+# One process runs the trainer's start-up checks for NGPU processes first (a few seconds, no process
+# group, no model): a config mistake then prints one error line and the script exits 2, where under
+# torchrun every rank would print it and torchrun would exit 1.
+if [[ "${SKIP_CONFIG_CHECK}" != "1" ]]; then
+  WORLD_SIZE="${NGPU}" python3 -m torchtitan_like.train --check-config --config "${CONFIG_FILE}" "$@"
 fi
 exec "${command[@]}"

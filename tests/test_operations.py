@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -56,11 +57,14 @@ def test_sampling_from_a_checkpoint_the_trainer_wrote(single_process_runs):
 
 
 def test_run_train_sh_writes_per_rank_log_files(tmp_path):
-    env = {**os.environ, "NGPU": "2", "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
+    # this interpreter's python3 and torchrun first on PATH: CI's virtual environment is not activated
+    env = {**os.environ, "NGPU": "2", "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1",
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", "run_train.sh", *base_args(str(tmp_path / "run"))[2:],
                              "--parallelism.data_parallel_shard_degree", "2"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "config OK for 2 processes" in result.stdout  # the one-process check passed before torchrun
     logs = glob.glob(str(tmp_path / "logs" / "**" / "stdout.log"), recursive=True)
     assert len(logs) == 2
     for log in logs:

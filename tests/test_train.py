@@ -1,11 +1,14 @@
 """End to end: the debug model trains on the built-in corpus from the CLI, its training and
-validation losses fall, TensorBoard events hold the loss, and the README's train command runs."""
+validation losses fall, TensorBoard events hold the loss, and the README's train command runs;
+`--check-config` checks a config in one process and starts nothing."""
 
 import glob
 import math
 import os
 import re
 import shlex
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -129,3 +132,17 @@ def test_readme_train_command_runs(cli_runs):
     result = cli_runs["readme"][1].result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step     3/3" in result.stdout
+
+
+def test_check_config_passes_a_good_config_for_world_size_processes_and_creates_only_the_dump_folder(tmp_path):
+    # WORLD_SIZE=2 and no rendezvous address: creating a process group would fail at once
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", PYTHONUNBUFFERED="1")
+    dump = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torchtitan_like.train", "--check-config", *tiny_overrides(str(dump)),
+                             "--parallelism.data_parallel_shard_degree", "2"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "config OK for 2 processes: llama3 debugmodel, mesh dp_shard 2" in result.stdout
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(dump) == []

@@ -1,7 +1,10 @@
 """Command-line entry point: `python -m torchtitan_like.train --config FILE [--section.key value ...]`.
 
 User mistakes (bad config, missing files, bad data) print one `error:` line and exit with code 2,
-without a traceback; `--print-config` prints the resolved config and exits. A preemption signal
+without a traceback; `--print-config` prints the resolved config and exits. `--check-config` runs
+every start-up check of the Trainer (trainer.check_user_inputs) for a run of WORLD_SIZE processes
+in this one process, and exits 0 or 2 without creating a process group or a model: the launchers
+run it before torchrun, so that a mistake is reported once, with exit code 2. A preemption signal
 (SIGTERM, SIGUSR1) saves a checkpoint and exits with code 75 (see preemption.py).
 """
 
@@ -14,11 +17,28 @@ from torchtitan_like.errors import USER_ERROR_EXIT_CODE, UserError
 from torchtitan_like.logging import init_logger
 from torchtitan_like.preemption import PREEMPTED_EXIT_CODE, Preempted
 
-USAGE = """usage: python -m torchtitan_like.train [--config FILE.toml] [--print-config] [--section.key VALUE ...]
+USAGE = """usage: python -m torchtitan_like.train [--config FILE.toml] [--print-config] [--check-config]
+                                     [--section.key VALUE ...]
 
 Trains the model described by a TOML config (see train_configs/ and docs/config.md).
 Overrides: --training.steps 100, --training.steps=100, --compile.enable (a bare flag means true).
+--print-config prints the resolved config and exits.
+--check-config checks the config for a run of $WORLD_SIZE processes (default 1) and exits 0 or 2,
+starting nothing (run_train.sh and multinode_trainer.slurm run it before torchrun).
 """
+
+
+def check_config(config) -> None:
+    """The Trainer's start-up checks, in this process only: what `--check-config` runs."""
+    from torchtitan_like.distributed.setup import world_info
+    from torchtitan_like.trainer import check_user_inputs
+
+    _, _, world_size = world_info()
+    checked = check_user_inputs(config, world_size)
+    mesh = " x ".join(f"{name} {size}" for name, size in checked.parallel_dims.mesh_shape()) or "none"
+    print(f"config OK for {world_size} process{'es' if world_size > 1 else ''}: {config.model.name} "
+          f"{config.model.flavor}, mesh {mesh}, grad accumulation {checked.grad_accum_steps}, "
+          f"device {checked.device.type}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     init_logger()
     trainer = None
     try:
-        config, print_config = load_config(argv)
+        config, print_config = load_config([arg for arg in argv if arg != "--check-config"])
+        if "--check-config" in argv:
+            check_config(config)
+            return 0
         if print_config:
             print(to_toml(config))
             if "--print-config" in argv:

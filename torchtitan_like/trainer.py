@@ -15,6 +15,7 @@ import gc
 import os
 import random
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -84,6 +85,51 @@ def supports_native_gqa(backends: tuple[str, ...], device: torch.device) -> bool
     return not backends or any(name in backends for name in ("cudnn", "flash"))
 
 
+class CheckedInputs(NamedTuple):
+    """What the start-up checks resolve on the way, and the Trainer builds on."""
+    tokenizer: object
+    spec: object
+    model_args: object
+    parallel_dims: ParallelDims
+    grad_accum_steps: int
+    device: torch.device
+
+
+def check_user_inputs(config, world_size: int) -> CheckedInputs:
+    """Every check of user input, for a run of `world_size` processes, before any process group
+    exists: a mistake raises one ConfigError (exit 2) instead of failing a collective. Creates the
+    dump folder and nothing else. Trainer.__init__ runs it on every rank, and `train --check-config`
+    once in one process before the launchers start torchrun."""
+    try:
+        os.makedirs(config.job.dump_folder, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"job.dump_folder = {config.job.dump_folder!r} cannot be created: "
+                          f"{error.strerror or error}") from None
+    tokenizer = build_tokenizer(config.model)
+    spec, model_args = resolve_model_args(config, tokenizer)
+    validate_config(config, model_args)
+    check_dataset_paths(config)
+    if config.checkpoint.enable and config.checkpoint.initial_load_path:
+        from torchtitan_like.checkpoint.hf_convert import check_imported_architecture
+
+        check_imported_architecture(config.checkpoint.initial_load_path, config.model.name, model_args)
+    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
+    parallel_dims.validate_model(model_args, config.training, config.parallelism, config.validation)
+    grad_accum_steps = gradient_accumulation_steps(config.training, parallel_dims.dp)
+    device = resolve_device(config.training.device)
+    model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, device)
+    model_args.sdpa_native_gqa = supports_native_gqa(model_args.sdpa_backends, device)
+    parallel_dims.validate_features(config.parallelism, config.compile, device.type,
+                                    cpu_offload=config.training.enable_cpu_offload,
+                                    master_weights=config.training.master_weights,
+                                    activation_checkpoint=config.activation_checkpoint)
+    if config.float8.enable:
+        from torchtitan_like.kernels.float8 import check_float8_support
+
+        check_float8_support(device, config.float8)
+    return CheckedInputs(tokenizer, spec, model_args, parallel_dims, grad_accum_steps, device)
+
+
 class Trainer:
     def __init__(self, config):
         self.config = config
@@ -91,34 +137,9 @@ class Trainer:
         self.rank = rank
         self.finished = False  # train() returned or stopped on preemption, on every rank alike
         # --- every user-input check happens before the process group exists
-        try:
-            os.makedirs(config.job.dump_folder, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(f"job.dump_folder = {config.job.dump_folder!r} cannot be created: "
-                              f"{error.strerror or error}") from None
-        self.tokenizer = build_tokenizer(config.model)
-        self.spec, self.model_args = resolve_model_args(config, self.tokenizer)
-        validate_config(config, self.model_args)
-        check_dataset_paths(config)
-        if config.checkpoint.enable and config.checkpoint.initial_load_path:
-            from torchtitan_like.checkpoint.hf_convert import check_imported_architecture
-
-            check_imported_architecture(config.checkpoint.initial_load_path, config.model.name, self.model_args)
-        self.parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
-        self.parallel_dims.validate_model(self.model_args, config.training, config.parallelism, config.validation)
-        self.grad_accum_steps = gradient_accumulation_steps(config.training, self.parallel_dims.dp)
-        self.device = resolve_device(config.training.device)
-        self.model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, self.device)
-        self.model_args.sdpa_native_gqa = supports_native_gqa(self.model_args.sdpa_backends, self.device)
-        self.parallel_dims.validate_features(config.parallelism, config.compile, self.device.type,
-                                             cpu_offload=config.training.enable_cpu_offload,
-                                             master_weights=config.training.master_weights,
-                                             activation_checkpoint=config.activation_checkpoint)
+        (self.tokenizer, self.spec, self.model_args, self.parallel_dims, self.grad_accum_steps,
+         self.device) = check_user_inputs(config, world_size)
         self.split_master_weights = config.training.master_weights == "split"
-        if config.float8.enable:
-            from torchtitan_like.kernels.float8 import check_float8_support
-
-            check_float8_support(self.device, config.float8)
 
         # --- distributed setup
         init_process_group(self.device, config.comm)

@@ -17,8 +17,11 @@ A run is described by a TOML file (`--config FILE`) plus command-line overrides
 command line > TOML > defaults. `--print-config` prints the resolved config and exits; every run saves
 it as `config.toml` in `job.dump_folder`. Mistakes (unknown section or key, wrong type, value out of
 range, inconsistent values) stop the run before any distributed setup with exit code 2 and one
-message naming the file, the key and what is allowed. Under torchrun (`run_train.sh`, Slurm) every
-rank prints that message and exits 2; torchrun itself then exits 1 after its own failure report.
+message naming the file, the key and what is allowed. `run_train.sh` and `multinode_trainer.slurm`
+run these checks once, in one process, before torchrun (`--check-config`, see docs/operations.md),
+so they too print the message once and exit 2. Under torchrun without them (`SKIP_CONFIG_CHECK=1`,
+or a mistake only the ranks' own devices reveal) every rank prints it and exits 2, and torchrun then
+exits 1 after its own failure report.
 
 ## Differences from TorchTitan's TOML
 - `[quantize.linear.float8]` (TorchTitan 0.2) is read as `[float8]`; `model.converters = ["float8"]`
