@@ -81,7 +81,7 @@ class Training:
     dataset_text_field: str = option("text", "Field holding the text in .jsonl/.json/.parquet/HF records.")
     dataset_verify_checksums: bool = option(False, "tokenized: check every shard against the SHA-256 prepare-data "
                                                    "recorded (reads every byte at start-up; sizes are always checked).")
-    local_batch_size: int = option(8, "Samples per data-parallel rank per optimizer step.", ge=1)
+    local_batch_size: int = option(8, "Samples per data-parallel rank per forward (one microbatch; see global_batch_size).", ge=1)
     global_batch_size: int = option(-1, "Samples per optimizer step across all DP ranks; -1 = local x DP. "
                                         "Larger values use gradient accumulation.", ge=-1)
     seq_len: int = option(2048, "Tokens per sample.", ge=2)
