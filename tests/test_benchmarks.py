@@ -198,7 +198,7 @@ def test_every_gpu_suite_training_run_passes_the_start_up_checks_of_the_benchmar
     from torchtitan_like.data import build_tokenizer
     from torchtitan_like.optim.optimizers import resolve_implementation
     from torchtitan_like.parallelisms.parallel_dims import ParallelDims
-    from torchtitan_like.trainer import resolve_model_args
+    from torchtitan_like.startup import resolve_model_args
 
     sections = gpu_suite_training_sections()
     assert {"train_bf16", "train_fp8", "train_bf16_split", "train_fp8_split", "train_bf16_fused_adamw"} <= set(sections)

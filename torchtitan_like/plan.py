@@ -57,7 +57,7 @@ def resolve_vocab(config, model_args) -> None:
     """The vocabulary by the trainer's rule (model.vocab_size, else the tokenizer's; a size below the
     tokenizer's is an error); a given model.vocab_size alone where the tokenizer files are absent."""
     from torchtitan_like.data import build_tokenizer
-    from torchtitan_like.trainer import resolve_model_args
+    from torchtitan_like.startup import resolve_model_args
 
     try:
         tokenizer = build_tokenizer(config.model)

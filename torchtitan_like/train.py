@@ -2,7 +2,7 @@
 
 User mistakes (bad config, missing files, bad data) print one `error:` line and exit with code 2,
 without a traceback; `--print-config` prints the resolved config and exits. `--check-config` runs
-every start-up check of the Trainer (trainer.check_user_inputs) for a run of WORLD_SIZE processes
+every start-up check of the Trainer (startup.check_user_inputs) for a run of WORLD_SIZE processes
 in this one process, and exits 0 or 2 without creating a process group or a model: the launchers
 run it before torchrun, so that a mistake is reported once, with exit code 2. A preemption signal
 (SIGTERM, SIGUSR1) saves a checkpoint and exits with code 75 (see preemption.py).
@@ -31,7 +31,7 @@ starting nothing (run_train.sh and multinode_trainer.slurm run it before torchru
 def check_config(config) -> None:
     """The Trainer's start-up checks, in this process only: what `--check-config` runs."""
     from torchtitan_like.distributed.setup import world_info
-    from torchtitan_like.trainer import check_user_inputs
+    from torchtitan_like.startup import check_user_inputs
 
     _, _, world_size = world_info()
     checked = check_user_inputs(config, world_size)

@@ -15,16 +15,15 @@ import gc
 import os
 import random
 import time
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint
-from torchtitan_like.config import gradient_accumulation_steps, to_toml, validate_config
-from torchtitan_like.data import build_dataloader, build_tokenizer, check_dataset_paths
-from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, resolve_device,
-                                               set_group_timeouts, set_train_timeout, world_info)
+from torchtitan_like.config import to_toml
+from torchtitan_like.data import build_dataloader
+from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, set_group_timeouts,
+                                               set_train_timeout, world_info)
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.fault_injection import maybe_inject_fault
 from torchtitan_like.kernels.float8.fsdp import precompute_float8_scales
@@ -32,102 +31,16 @@ from torchtitan_like.logging import logger
 from torchtitan_like.master_weights import accumulate_gradients_in_fp32, convert_to_split
 from torchtitan_like.losses import cross_entropy_loss
 from torchtitan_like.metrics import MetricsLogger
-from torchtitan_like.models import get_model_spec
 from torchtitan_like.optim import build_lr_scheduler, build_optimizer, reapply_optimizer_config
 from torchtitan_like.preemption import Preempted, PreemptionWatcher
+from torchtitan_like.startup import check_user_inputs
 from torchtitan_like.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.distributed.tensors import full_tensor
 from torchtitan_like.parallelisms.grad_clip import clip_grad_norm
-from torchtitan_like.parallelisms.parallel_dims import ParallelDims
 from torchtitan_like.parallelisms.pipeline import pipeline_forward_backward
 from torchtitan_like.parallelisms.tensor_parallel import loss_parallel_context
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_model_args(config, tokenizer):
-    """The model's hyper-parameters for the configured flavor, with vocab and norm from the config."""
-    spec = get_model_spec(config.model.name)
-    model_args = spec.args_for(config.model.flavor)
-    if config.model.vocab_size == -1:
-        model_args.vocab_size = tokenizer.vocab_size
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size = {config.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size}); use -1 to follow the tokenizer or a larger value to pad")
-    else:
-        model_args.vocab_size = config.model.vocab_size
-    model_args.norm_type = config.model.norm_type
-    return spec, model_args
-
-
-def resolve_sdpa_backends(choice: str, device: torch.device) -> tuple[str, ...]:
-    """`model.sdpa_backend` -> the attention kernels the model may use, in priority order. A named
-    kernel is the only one allowed (an error where it cannot run). auto: on Hopper (sm90) cuDNN first,
-    then PyTorch's order, as TorchTitan does (cuDNN's attention is reported 1.7-2.3x faster than
-    flash there for training shapes, and slower on other architectures); elsewhere PyTorch chooses."""
-    if choice != "auto":
-        if device.type == "cpu" and choice not in ("flash", "math"):
-            raise ConfigError(f"model.sdpa_backend = {choice!r} has no CPU kernel; on CPU use auto, flash or math")
-        return (choice,)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return ("cudnn", "flash", "efficient", "math")
-    return ()
-
-
-def supports_native_gqa(backends: tuple[str, ...], device: torch.device) -> bool:
-    """Whether attention may pass `enable_gqa` instead of repeating K/V: every CPU kernel supports
-    it; on CUDA cuDNN and flash do (sm80+), the memory-efficient kernel does not. On an H200 cuDNN
-    ran 532 TFLOP/s with it against 513 with repeated K/V (docs/benchmarks.md); TorchTitan passes it."""
-    if device.type != "cuda":
-        return True
-    if torch.cuda.get_device_capability(device)[0] < 8:
-        return False
-    return not backends or any(name in backends for name in ("cudnn", "flash"))
-
-
-class CheckedInputs(NamedTuple):
-    """What the start-up checks resolve on the way, and the Trainer builds on."""
-    tokenizer: object
-    spec: object
-    model_args: object
-    parallel_dims: ParallelDims
-    grad_accum_steps: int
-    device: torch.device
-
-
-def check_user_inputs(config, world_size: int) -> CheckedInputs:
-    """Every check of user input, for a run of `world_size` processes, before any process group
-    exists: a mistake raises one ConfigError (exit 2) instead of failing a collective. Creates the
-    dump folder and nothing else. Trainer.__init__ runs it on every rank, and `train --check-config`
-    once in one process before the launchers start torchrun."""
-    try:
-        os.makedirs(config.job.dump_folder, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"job.dump_folder = {config.job.dump_folder!r} cannot be created: "
-                          f"{error.strerror or error}") from None
-    tokenizer = build_tokenizer(config.model)
-    spec, model_args = resolve_model_args(config, tokenizer)
-    validate_config(config, model_args)
-    check_dataset_paths(config)
-    if config.checkpoint.enable and config.checkpoint.initial_load_path:
-        from torchtitan_like.checkpoint.hf_convert import check_imported_architecture
-
-        check_imported_architecture(config.checkpoint.initial_load_path, config.model.name, model_args)
-    parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
-    parallel_dims.validate_model(model_args, config.training, config.parallelism, config.validation)
-    grad_accum_steps = gradient_accumulation_steps(config.training, parallel_dims.dp)
-    device = resolve_device(config.training.device)
-    model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, device)
-    model_args.sdpa_native_gqa = supports_native_gqa(model_args.sdpa_backends, device)
-    parallel_dims.validate_features(config.parallelism, config.compile, device.type,
-                                    cpu_offload=config.training.enable_cpu_offload,
-                                    master_weights=config.training.master_weights,
-                                    activation_checkpoint=config.activation_checkpoint)
-    if config.float8.enable:
-        from torchtitan_like.kernels.float8 import check_float8_support
-
-        check_float8_support(device, config.float8)
-    return CheckedInputs(tokenizer, spec, model_args, parallel_dims, grad_accum_steps, device)
 
 
 class Trainer:

@@ -235,14 +235,14 @@ def test_grouped_query_attention_in_the_kernel_equals_repeated_kv(backends):
 
 
 def test_native_gqa_resolution():
-    from torchtitan_like.trainer import supports_native_gqa
+    from torchtitan_like.startup import supports_native_gqa
 
     assert supports_native_gqa((), torch.device("cpu")) and supports_native_gqa(("math",), torch.device("cpu"))
 
 
 def test_sdpa_backend_resolution():
     from torchtitan_like.errors import ConfigError
-    from torchtitan_like.trainer import resolve_sdpa_backends
+    from torchtitan_like.startup import resolve_sdpa_backends
 
     cpu = torch.device("cpu")
     assert resolve_sdpa_backends("auto", cpu) == ()

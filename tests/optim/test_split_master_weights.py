@@ -253,7 +253,7 @@ def test_invalid_combinations_are_config_errors(tmp_path):
     from tests.helpers import tiny_overrides
     from torchtitan_like.config import load_config, validate_config
     from torchtitan_like.parallelisms.parallel_dims import ParallelDims
-    from torchtitan_like.trainer import resolve_model_args
+    from torchtitan_like.startup import resolve_model_args
     from torchtitan_like.data import build_tokenizer
 
     def config_with(*overrides):
