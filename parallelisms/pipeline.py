@@ -40,6 +40,7 @@ class Pipeline:
     has_last_stage: bool
     n_microbatches: int
     loss_scale: float  # 1 / (n_microbatches * grad_accum_steps), see the module docstring
+    returns_outputs_optionally: bool = False  # the schedule's step takes return_outputs (see _run_schedule)
 
 
 def stage_ids_for_rank(pp_rank: int, pp_degree: int, num_stages: int, v_shape: bool) -> list[int]:
@@ -81,7 +82,8 @@ def build_pipeline(stage_modules: dict[int, nn.Module], num_stages: int, schedul
     return Pipeline(schedule=schedule, stages=stages, model_parts=list(stage_modules.values()), pp_group=group,
                     has_first_stage=any(stage.is_first for stage in stages),
                     has_last_stage=any(stage.is_last for stage in stages), n_microbatches=n_microbatches,
-                    loss_scale=loss_scale)
+                    loss_scale=loss_scale,
+                    returns_outputs_optionally="return_outputs" in inspect.signature(schedule.step).parameters)
 
 
 def _run_schedule(run, pipeline: Pipeline, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -89,10 +91,14 @@ def _run_schedule(run, pipeline: Pipeline, inputs: torch.Tensor, labels: torch.T
     scaled microbatch losses, shared over `pp` so that every rank reports the same value."""
     losses: list | None = [] if pipeline.has_last_stage else None
     target = labels if pipeline.has_last_stage else None
+    # By default the last stage keeps every microbatch's logits (batch x seq x vocab each) until the
+    # next step and concatenates them into a whole-batch copy that we would discard: only the losses
+    # are needed. Older torch has no return_outputs (and keeps them).
+    options = {"return_outputs": False} if pipeline.returns_outputs_optionally else {}
     if pipeline.has_first_stage:
-        run(inputs, target=target, losses=losses)
+        run(inputs, target=target, losses=losses, **options)
     else:
-        run(target=target, losses=losses)
+        run(target=target, losses=losses, **options)
     if pipeline.has_last_stage:
         loss = torch.stack([full_tensor(mb_loss.detach()) for mb_loss in losses]).sum()
     else:

@@ -18,13 +18,16 @@ from torchtitan_like.parallelisms.pipeline import Pipeline, build_pipeline, stag
 
 def stage_layer_ranges(n_layers: int, num_stages: int, split_points: list[str]) -> list[range]:
     """Layer indices of each stage: from split points ("layers.N" starts a stage), else an even
-    split with the remainder going to the stages after the first (the first and last stages also
-    carry the embedding and the output projection)."""
+    split with the remainder going to the middle stages, then to the first; never to the last, whose
+    output projection (dim x vocab: 2.4 layers of Llama 3 8B) already makes it the slowest, while
+    the first stage's embedding is a lookup."""
     if split_points:
         boundaries = [0] + [int(point.split(".")[1]) for point in split_points] + [n_layers]
     else:
         base, extra = divmod(n_layers, num_stages)
-        sizes = [base + (1 if 1 <= stage <= extra else 0) for stage in range(num_stages)]
+        # extra < num_stages, so the middle stages and the first take all of it
+        takers = [*range(1, num_stages - 1), 0][:extra]
+        sizes = [base + (1 if stage in takers else 0) for stage in range(num_stages)]
         boundaries = [0]
         for size in sizes:
             boundaries.append(boundaries[-1] + size)

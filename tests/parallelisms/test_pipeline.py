@@ -1,5 +1,6 @@
 """Pipeline parallel (GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble) alone and composed with FSDP and TP matches one
-process: the schedule's microbatch losses are scaled so that they sum to the batch mean."""
+process: the schedule's microbatch losses are scaled so that they sum to the batch mean. Also: the last
+stage keeps no microbatch logits, and the automatic split spares the last stage a remainder layer."""
 
 from __future__ import annotations
 
@@ -25,3 +26,61 @@ def test_pp2_composed_with_fsdp_and_tp_matches_single_process(assert_plan_matche
 
 def test_pp2_float8_matches_single_process_accumulating_the_same_microbatches(assert_plan_matches_reference):
     assert_plan_matches_reference("pp2_float8")
+
+
+@pytest.fixture
+def one_rank_pp_mesh():
+    """A `pp` mesh of this process alone (gloo): enough for a one-stage pipeline, which is both the
+    first and the last stage, without starting processes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.helpers import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("pp",))["pp"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_last_stage_keeps_no_microbatch_logits_after_a_step_or_an_evaluation(one_rank_pp_mesh):
+    # Only the microbatch losses are used. By default torch's last stage keeps every microbatch's
+    # logits (microbatch x seq x vocab each: GBs at Llama 3's vocabulary) until the next step, and
+    # concatenates them into a whole-batch copy.
+    import torch
+
+    from torchtitan_like.losses import cross_entropy_loss
+    from torchtitan_like.models.llama3 import Transformer, get_flavor
+    from torchtitan_like.parallelisms.pipeline import build_pipeline, pipeline_evaluate, pipeline_forward_backward
+
+    args = get_flavor("debugmodel")
+    args.vocab_size, args.n_layers = 64, 2
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    pipeline = build_pipeline({0: model}, num_stages=1, schedule_name="GPipe", n_microbatches=2, grad_accum_steps=1,
+                              loss_fn=cross_entropy_loss, pp_mesh=one_rank_pp_mesh, device=torch.device("cpu"))
+    tokens = torch.randint(0, args.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, args.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = cross_entropy_loss(model(tokens), labels)
+
+    trained = pipeline_forward_backward(pipeline, tokens, labels)
+    assert pipeline.stages[0].output_chunks == []
+    evaluated = pipeline_evaluate(pipeline, tokens, labels)
+    assert pipeline.stages[0].output_chunks == []
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(evaluated, expected, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("n_layers, num_stages", [(5, 2), (32, 3), (7, 4), (126, 8)])
+def test_automatic_split_gives_no_remainder_layer_to_the_last_stage(n_layers, num_stages):
+    # The last stage also computes the output projection (2.4 layers' worth for Llama 3 8B): a
+    # remainder layer there would make the slowest stage slower still.
+    from torchtitan_like.models.llama3.pipeline import stage_layer_ranges
+
+    ranges = stage_layer_ranges(n_layers, num_stages, split_points=[])
+    sizes = [len(layers) for layers in ranges]
+    assert [layer for layers in ranges for layer in layers] == list(range(n_layers))
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert sizes[-1] == n_layers // num_stages
