@@ -34,11 +34,19 @@ def apply_fsdp(model: nn.Module, units: list, dp_mesh, param_dtype: torch.dtype,
     The last unit (norm + output) is not resharded after forward by default: backward starts with it
     right away, so freeing it would only force an immediate all-gather.
     """
-    sharding = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
+    sharding = {"mesh": dp_mesh}
     if cpu_offload:
         sharding["offload_policy"] = CPUOffloadPolicy()
+    # Only the root casts its floating-point inputs (a pipeline stage's received activations) to
+    # param_dtype. Inside, the activations are in param_dtype already (each unit computes with its
+    # gathered low-precision parameters), and the only other floating-point input of a unit is the
+    # RoPE cos/sin table handed to every block: cast to bf16, it would rotate q and k by rounded
+    # angles under FSDP only (one GPU keeps fp32 under autocast; TorchTitan's complex freqs_cis is
+    # never cast, as FSDP casts only real floating-point tensors).
+    unit_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for index, unit in enumerate(units):
         is_last = index == len(units) - 1
         reshard = reshard_after_forward if not is_last or last_unit_reshard is None else last_unit_reshard
-        fully_shard(unit, reshard_after_forward=reshard, **sharding)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **sharding)
+        fully_shard(unit, reshard_after_forward=reshard, mp_policy=unit_policy, **sharding)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=root_policy, **sharding)
