@@ -106,6 +106,9 @@ BAD_INPUTS = [
     (["--training.global_batch_size", "3"], "training.global_batch_size = 3 must be a multiple of"),
     (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "x"],
      "selective_ac_option = 'x'"),
+    # a superscript two passes str.isdigit() but not int(): it was a traceback at model build
+    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "\u00b2"],
+     "selective_ac_option = '\u00b2'"),
     (["--training.dataset", "local"], "training.dataset = 'local' needs training.dataset_path"),
     (["--training.dataset", "local", "--training.dataset_path", "/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--training.dataset", "tokenized", "--training.dataset_path", "/nonexistent/tokens"], "/nonexistent/tokens"),

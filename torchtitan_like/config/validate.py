@@ -66,7 +66,9 @@ def validate_config(config, model_args) -> None:
             and not validation_defaults_to_training):
         raise ConfigError(f"validation.dataset = {config.validation.dataset!r} needs validation.dataset_path")
     option = config.activation_checkpoint.selective_ac_option
-    if config.activation_checkpoint.mode == "selective" and option != "op" and not (option.isdigit() and int(option) > 0):
+    # isascii: str.isdecimal/isdigit also accept other scripts' digits, which int() may then refuse
+    every_kth = option.isascii() and option.isdecimal() and int(option) > 0
+    if config.activation_checkpoint.mode == "selective" and option != "op" and not every_kth:
         raise ConfigError(f"activation_checkpoint.selective_ac_option = {option!r}: must be a positive integer "
                           f"(checkpoint every k-th layer) or 'op'")
     for component in config.compile.components:
