@@ -47,8 +47,10 @@ def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: 
     parameters = [p for p in parameters if gradient_of(p) is not None]
     grads = [gradient_of(p) for p in parameters]
     if not grads:
-        return torch.zeros(())
-    if any(grad.dtype != torch.float32 and not is_dtensor(grad) for grad in grads):
+        # Nothing to clip on this rank, but a pipeline stage without gradients must still join the
+        # norm's all-reduce over pp below, or the other stages wait in it forever.
+        total_norm = torch.zeros((), device=mesh.device_type if mesh is not None else "cpu")
+    elif any(grad.dtype != torch.float32 and not is_dtensor(grad) for grad in grads):
         total_norm = _fp32_total_norm(grads, norm_type)
     else:
         total_norm = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True)
@@ -61,6 +63,8 @@ def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: 
             total_norm = total_norm ** norm_type
             dist.all_reduce(total_norm, op=dist.ReduceOp.SUM, group=mesh["pp"].get_group())
             total_norm = total_norm ** (1.0 / norm_type)
+    if not grads:
+        return total_norm
     if optimizer is not None and fuses_gradient_clipping(optimizer):
         if max_norm > 0:
             # 1 / torch's clip coefficient, as the fp32 tensor the kernel reads on the gradients' device

@@ -99,3 +99,22 @@ def test_fused_adamw_applies_the_clip_in_its_kernel_with_the_in_place_results():
 @pytest.mark.slow
 def test_fsdp2_with_the_clip_in_fused_adamw_matches_single_process_foreach(assert_plan_matches_reference):
     assert_plan_matches_reference("fsdp2_fused_adamw")
+
+
+def _clip_with_one_stage_holding_no_gradients(rank, world_size):
+    from types import SimpleNamespace
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    params = parameters_with_gradients(torch.full((4,), 3.0)) if rank == 0 else []
+    returned = clip_grad_norm(params, 1.0, SimpleNamespace(pp_enabled=True), mesh)
+    assert math.isclose(float(returned), 6.0, rel_tol=1e-6), (rank, float(returned))  # sqrt(4 * 3^2)
+    if rank == 0:
+        assert math.isclose(total_norm(params), 1.0, rel_tol=1e-5)
+
+
+def test_a_pipeline_stage_without_gradients_joins_the_norm_reduction_instead_of_hanging_the_others():
+    from tests.checkpoint.common import run_on_ranks
+
+    run_on_ranks(_clip_with_one_stage_holding_no_gradients, 2, timeout=60)
