@@ -186,14 +186,18 @@ class ParallelDims:
                               f"({n_microbatches}) to be a multiple of pipeline_parallel_degree = {self.pp}")
 
     def validate_features(self, parallelism, compile_config, device_type: str, cpu_offload: bool = False,
-                          master_weights: str = "float32", activation_checkpoint=None) -> None:
+                          master_weights: str = "float32", activation_checkpoint=None,
+                          sdpa_backends: tuple[str, ...] = ()) -> None:
         """Checks that need the device or the resolved degrees: async TP runs only on CUDA with
         torch.compile; FSDP CPU offload moves sharded state between a GPU and host memory, so it needs
         both; split master weights are for one process (FSDP's mixed precision covers sharded runs);
         zero-bubble schedules split each backward in two, which compiled code, per-op AC and FSDP's
-        resharding after forward do not support."""
+        resharding after forward do not support; on CPU, compiled TP blocks that AC recomputes whole
+        need the math attention kernel (`sdpa_backends`, as resolved; empty: PyTorch's choice)."""
         if self.pp_enabled and parallelism.pipeline_parallel_schedule in ZERO_BUBBLE_SCHEDULES:
             self._validate_split_backward(parallelism, compile_config, activation_checkpoint)
+        if device_type == "cpu" and self.tp_enabled:
+            self._validate_recomputed_compiled_tp_blocks(compile_config, activation_checkpoint, sdpa_backends)
         if master_weights == "split" and self.world_size > 1:
             degrees = [f"{name} {value}" for name, value in (("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
                                                              ("tp", self.tp), ("pp", self.pp)) if value > 1]
@@ -216,6 +220,27 @@ class ParallelDims:
             if not (compile_config.enable and "model" in compile_config.components):
                 raise ConfigError("parallelism.enable_async_tensor_parallel = true needs compile.enable = true with "
                                   "'model' in compile.components (the micro-pipelining is an Inductor pass)")
+
+    @staticmethod
+    def _validate_recomputed_compiled_tp_blocks(compile_config, activation_checkpoint, sdpa_backends) -> None:
+        """A compiled TP block saves its DeviceMesh for backward (an opaque graph value, placed after
+        the saved tensors). When AC recomputes the whole block, the CPU flash attention kernel counts
+        as a random op (dropout), and AOTAutograd saves the CPU RNG state for its recomputation as one
+        more forward output, inserted after that mesh: torch 2.13 then reads the mesh as a saved tensor
+        and the first forward fails ("expected all tensors_saved_with_vc_check to be Tensors"), with
+        aot_eager and Inductor alike. The math kernel is no random op; per-op AC saves the attention
+        output instead of recomputing it. On CUDA torch takes its graph-safe RNG path instead, which
+        adds no such output (not checked here: the tests have no GPU)."""
+        if not (compile_config.enable and "model" in compile_config.components) or activation_checkpoint is None:
+            return
+        recomputes_blocks = activation_checkpoint.mode == "full" or (
+            activation_checkpoint.mode == "selective" and activation_checkpoint.selective_ac_option != "op")
+        if recomputes_blocks and tuple(sdpa_backends) != ("math",):
+            raise ConfigError(f"activation_checkpoint.mode = {activation_checkpoint.mode!r} (whole blocks recomputed) "
+                              f"with compile.enable = true and tensor_parallel_degree > 1 fails in torch on CPU with "
+                              f"the flash attention kernel (its RNG state is saved out of order); set "
+                              f"model.sdpa_backend = \"math\", or activation_checkpoint.selective_ac_option = \"op\" "
+                              f"with mode \"selective\", or compile.enable = false")
 
     def _validate_split_backward(self, parallelism, compile_config, activation_checkpoint) -> None:
         """A zero-bubble schedule computes each microbatch's input gradients first (autograd.grad with

@@ -98,7 +98,8 @@ def check_user_inputs(config, world_size: int) -> CheckedInputs:
     parallel_dims.validate_features(config.parallelism, config.compile, device.type,
                                     cpu_offload=config.training.enable_cpu_offload,
                                     master_weights=config.training.master_weights,
-                                    activation_checkpoint=config.activation_checkpoint)
+                                    activation_checkpoint=config.activation_checkpoint,
+                                    sdpa_backends=model_args.sdpa_backends)
     if config.float8.enable:
         from torchtitan_like.kernels.float8 import check_float8_support
 

@@ -86,6 +86,10 @@ PLANS: dict[str, Plan] = {
                                        reference="tp2_float8"),
     # per-block compile over TP: the blocks' inputs and outputs are local shards of DTensors
     "tp2_compile": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *COMPILE_AOT_EAGER)),
+    # ... recomputed whole by full AC: on CPU only with the math attention kernel (parallel_dims.py)
+    "tp2_compile_full_ac_math_attention": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *COMPILE_AOT_EAGER,
+                                                      "--activation_checkpoint.mode", "full",
+                                                      "--model.sdpa_backend", "math")),
     "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),
     "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B")),
     # 2 virtual stages per rank: 4 stages of 1 layer

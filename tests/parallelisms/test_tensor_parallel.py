@@ -27,6 +27,10 @@ def test_tp2_with_per_block_compile_matches_single_process(assert_plan_matches_r
     assert_plan_matches_reference("tp2_compile")
 
 
+def test_tp2_with_compiled_blocks_recomputed_by_full_ac_matches_single_process(assert_plan_matches_reference):
+    assert_plan_matches_reference("tp2_compile_full_ac_math_attention")
+
+
 @pytest.mark.parametrize("plan", ["fsdp2_x_tp2", "fsdp2_x_tp2_no_loss_parallel", "fsdp2_x_tp2_tied"])
 def test_fsdp2_x_tp2_matches_single_process(assert_plan_matches_reference, plan):
     assert_plan_matches_reference(plan)
