@@ -149,6 +149,16 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+def _in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient in its parameter's DTensor layout. Under pure tensor parallel they differ: the
+    vocab-sharded embedding's gradient arrives replicated, a sequence-parallel norm's as a partial
+    sum. The kernel pairs local elements, so it needs the same layout; torch's optimizers get it
+    implicitly, through DTensor ops."""
+    if is_dtensor(grad) and is_dtensor(param) and grad.placements != param.placements:
+        return grad.redistribute(param.device_mesh, param.placements)
+    return grad
+
+
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                decoupled_weight_decay: bool, grad_scale: torch.Tensor | None = None,
@@ -326,7 +336,8 @@ class _TritonAdamStep:
                 local_param = _local(param)
                 if grad_scale is not None and local_param.device not in scale_on:
                     scale_on[local_param.device] = grad_scale.to(local_param.device, torch.float32)
-                update(local_param, _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                local_grad = _local(_in_layout_of(param, grad))
+                update(local_param, local_grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
                        step=state["step"].item(), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], decoupled_weight_decay=decoupled,
                        grad_scale=scale_on.get(local_param.device), low=param._master_lo if split else None)

@@ -291,15 +291,25 @@ def test_dtensor_parameters_update_their_local_shards_like_torch():
 
 
 def _dtensor_worker() -> None:
-    """2 gloo ranks: a Shard(0) and a Replicate parameter, 3 steps of TritonAdamW and torch's AdamW."""
+    """2 gloo ranks, 3 steps of TritonAdamW and torch's AdamW: a Shard(0) and a Replicate parameter,
+    and two whose gradient arrives in another layout, as under pure tensor parallel: the
+    vocab-sharded embedding's gradient replicated, a sequence-parallel norm's a partial sum."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2,))
-    values = fresh_params(torch.float32)[:2]
-    placements = [[Shard(0)], [Replicate()]]
+    values = fresh_params(torch.float32)[:2] + fresh_params(torch.float32, seed=1)[:2]
+    placements = [[Shard(0)], [Replicate()], [Shard(0)], [Replicate()]]
+
+    def gradient_as_it_arrives(index, grad):
+        if index == 2:
+            return distribute_tensor(grad, mesh, [Replicate()])
+        if index == 3:  # the ranks' shares sum to the gradient
+            share = grad * (dist.get_rank() + 1) / 3
+            return DTensor.from_local(share, mesh, [Partial()], run_check=False)
+        return distribute_tensor(grad, mesh, placements[index])
 
     def build_dtensors(optimizer_class, **kwargs):
         params = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, p)) for v, p in zip(values, placements)]
@@ -308,10 +318,11 @@ def _dtensor_worker() -> None:
     params, optimizer = build_dtensors(TritonAdamW)
     ref_params, ref_optimizer = build_dtensors(torch.optim.AdamW, foreach=False)
     for step in range(3):
-        grads = fresh_grads(torch.float32, step)[:2]
-        for group in (params, ref_params):
-            for param, grad, placement in zip(group, grads, placements):
-                param.grad = distribute_tensor(grad, mesh, placement)
+        grads = fresh_grads(torch.float32, step)[:2] + fresh_grads(torch.float32, step + 10)[:2]
+        for index, (param, grad) in enumerate(zip(params, grads)):
+            param.grad = gradient_as_it_arrives(index, grad)
+        for param, grad, placement in zip(ref_params, grads, placements):  # the reference: the parameter's layout
+            param.grad = distribute_tensor(grad, mesh, placement)
         optimizer.grad_scale = torch.tensor(2.0)
         optimizer.step()
         for param in ref_params:
