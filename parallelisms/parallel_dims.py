@@ -102,8 +102,11 @@ class ParallelDims:
                                 ("ffn hidden dim", model_args.ffn_hidden_dim), ("dim", model_args.dim),
                                 ("vocab_size", model_args.vocab_size)):
                 if value % self.tp != 0:
+                    padded = -(-value // self.tp) * self.tp
+                    remedy = (f"choose a degree that divides it, or pad the vocabulary: model.vocab_size = {padded}"
+                              if name == "vocab_size" else "choose a degree that divides it")
                     raise ConfigError(f"parallelism.tensor_parallel_degree = {self.tp} does not divide the model's "
-                                      f"{name} ({value}); choose a degree that divides it")
+                                      f"{name} ({value}); {remedy}")
             if training.seq_len % self.tp != 0:
                 raise ConfigError(f"training.seq_len = {training.seq_len} must be divisible by "
                                   f"parallelism.tensor_parallel_degree = {self.tp} (sequence parallel)")

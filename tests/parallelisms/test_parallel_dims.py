@@ -26,6 +26,9 @@ INVALID_CASES = {
     "tp_does_not_divide_heads": (3, ["--parallelism.tensor_parallel_degree", "3"], "does not divide the model's n_heads"),
     "tp_does_not_divide_kv_heads": (8, ["--parallelism.tensor_parallel_degree", "8"],
                                     "does not divide the model's n_kv_heads"),
+    "tp_does_not_divide_vocab": (4, ["--parallelism.tensor_parallel_degree", "4"],  # 258 byte-level tokens
+                                 "vocab_size (258); choose a degree that divides it, or pad the vocabulary: "
+                                 "model.vocab_size = 260"),
     "layers_do_not_split_over_stages": (8, ["--parallelism.pipeline_parallel_degree", "8",
                                             "--training.local_batch_size", "8"], "cannot be split over 8 pipeline"),
     "layers_per_stage_does_not_divide_layers": (2, ["--parallelism.pipeline_parallel_degree", "2",
