@@ -34,6 +34,7 @@ class Plan:
     overrides: tuple[str, ...] = ()
     local_batch_size: int = 4
     reference: str = ""  # the plan to compare against; default f"reference_batch{reference_batch_size}"
+    validate: bool = False  # also evaluate the trained model on the validation split (validation.pt)
 
     def reference_name(self) -> str:
         return self.reference or f"reference_batch{self.reference_batch_size}"
@@ -47,7 +48,7 @@ FLOAT8 = ("--float8.enable", "true", "--float8.emulate", "true")
 COMPILE_AOT_EAGER = ("--compile.enable", "true", "--compile.backend", "aot_eager")
 PLANS: dict[str, Plan] = {
     # single-process references, then one-process plans compared against them
-    "reference_batch4": Plan(1, 4),
+    "reference_batch4": Plan(1, 4, validate=True),
     "reference_batch8": Plan(1, 8, local_batch_size=8),
     "reference_batch16": Plan(1, 16, local_batch_size=16),
     "reference_batch4_float8": Plan(1, 4, FLOAT8),
@@ -91,9 +92,10 @@ PLANS: dict[str, Plan] = {
                                                       "--activation_checkpoint.mode", "full",
                                                       "--model.sdpa_backend", "math")),
     "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),
-    "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B")),
+    "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B"), validate=True),
     # 2 virtual stages per rank: 4 stages of 1 layer
-    "pp2_interleaved_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B")),
+    "pp2_interleaved_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"),
+                                 validate=True),
     # uneven split (1 + 3 layers), 2 microbatches of 2 samples, 2 accumulation steps
     "pp2_split_point_grad_accumulation": Plan(2, 8, (*PP2, "--parallelism.pipeline_parallel_split_points",
                                                      '["layers.1"]', "--parallelism.pipeline_parallel_microbatch_size",
@@ -128,11 +130,15 @@ PLANS: dict[str, Plan] = {
                                     "--parallelism.tensor_parallel_degree", "2", "--model.flavor", "debugmodel_tied"),
                              reference="reference_batch8_tied"),
     "pp2_x_fsdp2": Plan(4, 8, (*PP2, "--parallelism.data_parallel_shard_degree", "2")),
-    "pp2_x_tp2": Plan(4, 4, (*PP2, "--parallelism.tensor_parallel_degree", "2")),
+    "pp2_x_tp2": Plan(4, 4, (*PP2, "--parallelism.tensor_parallel_degree", "2"), validate=True),
     # 8 processes
     "pp2_x_fsdp2_x_tp2": Plan(8, 8, (*PP2, "--parallelism.data_parallel_shard_degree", "2",
                                      "--parallelism.tensor_parallel_degree", "2")),
 }
+
+
+# 2 batches of 8 from the validation split, evaluated after the last step (run_plan.py)
+VALIDATION = ("--validation.enable", "true", "--validation.steps", "2", "--validation.freq", "1000")
 
 
 def plan_overrides(plan: Plan) -> list[str]:
@@ -146,7 +152,7 @@ def plan_overrides(plan: Plan) -> list[str]:
             # near-total cancellation (~1e-9) moves by ~lr whatever the rounding of that sum, so a
             # different reduction order shows up as a 1e-5 parameter difference. 1e-6 keeps the
             # comparison about the parallel plan, not about amplified rounding.
-            "--optimizer.eps", "1e-6", *plan.overrides]
+            "--optimizer.eps", "1e-6", *VALIDATION * plan.validate, *plan.overrides]
 
 
 def launch_world(out_dir: str, nproc: int, plan_names: list[str]) -> None:
@@ -165,6 +171,11 @@ def load_results(plan_dir: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     for path in sorted(glob.glob(os.path.join(plan_dir, "params_rank*.pt"))):
         params.update(torch.load(path))
     return losses, params
+
+
+def load_validation_loss(plan_dir: str) -> float:
+    """Rank 0's validation loss of the trained model (a plan with `validate`)."""
+    return torch.load(os.path.join(plan_dir, "validation.pt"))
 
 
 def load_structure(plan_dir: str) -> list[dict]:

@@ -5,8 +5,9 @@ usage: python run_plan.py SPEC.json    with SPEC = {"out_dir": DIR, "plans": {NA
 Runs the plans one after another in the same process group (starting processes dominates the cost
 of these tiny runs). For each plan every rank writes `DIR/NAME/params_rank{R}.pt` (its stages'
 parameters, gathered over the DTensor meshes, under their plain names) and rank 0 writes
-`DIR/NAME/losses.pt`, and every rank `DIR/NAME/structure_rank{R}.json` (what the plan did to its
-modules: sharded parameters, checkpointed and compiled blocks, Float8 layers).
+`DIR/NAME/losses.pt` (and, with validation enabled, `validation.pt`: the trained model's validation
+loss), and every rank `DIR/NAME/structure_rank{R}.json` (what the plan did to its modules: sharded
+parameters, checkpointed and compiled blocks, Float8 layers).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def run_one(plan_dir: str, overrides: list[str]) -> None:
     torch.save(params, os.path.join(plan_dir, f"params_rank{rank}.pt"))
     if rank == 0:
         torch.save(losses, os.path.join(plan_dir, "losses.pt"))
+    if config.validation.enable:
+        validation_loss = trainer.validate()  # every rank takes part (pipeline stages, TP shards)
+        if rank == 0:
+            torch.save(validation_loss, os.path.join(plan_dir, "validation.pt"))
     trainer.metrics.close()  # the process group stays up for the next plan
 
 

@@ -1,6 +1,7 @@
 """Pipeline parallel (GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble) alone and composed with FSDP and TP matches one
 process: the schedule's microbatch losses are scaled so that they sum to the batch mean. Also: the last
-stage keeps no microbatch logits, and the automatic split spares the last stage a remainder layer."""
+stage keeps no microbatch logits, the automatic split spares the last stage a remainder layer, and
+evaluation under PP equals the single process's."""
 
 from __future__ import annotations
 
@@ -22,6 +23,23 @@ def test_pp2_with_split_point_and_gradient_accumulation_matches_single_process(a
 @pytest.mark.parametrize("plan", ["pp2_x_fsdp2", "pp2_x_tp2", "pp2_x_fsdp2_x_tp2"])
 def test_pp2_composed_with_fsdp_and_tp_matches_single_process(assert_plan_matches_reference, plan):
     assert_plan_matches_reference(plan)
+
+
+@pytest.mark.parametrize("plan", ["pp2_1f1b", "pp2_interleaved_1f1b", "pp2_x_tp2"])
+def test_evaluation_under_pp_matches_single_process(plan_results, plan):
+    """The trained model's validation loss: the schedule's forward-only pass over the stages, the
+    loss sent from the last stage to every rank, equals the single process's evaluation."""
+    import os
+
+    from tests.parallelisms.harness import PLANS, load_validation_loss
+
+    reference = PLANS[plan].reference_name()
+    plan_results(plan)  # launches the plan's world once per session
+    plan_results(reference)
+    ours, expected = (load_validation_loss(os.path.join(plan_results.launched[PLANS[name].nproc], name))
+                      for name in (plan, reference))
+    assert expected > 0
+    assert abs(ours - expected) <= 1e-4 * expected, (ours, expected)  # the harness's RTOL
 
 
 def test_pp2_float8_matches_single_process_accumulating_the_same_microbatches(assert_plan_matches_reference):
