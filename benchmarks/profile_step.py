@@ -7,9 +7,9 @@ Builds the real `Trainer`, runs `--warmup` untimed steps (compile, allocator), t
 `--steps` steps under `torch.profiler` and prints two markdown tables: milliseconds per step for
 each kind of kernel (matmul, attention, optimizer, norm, fp8 casts, loss, other fused elementwise,
 collectives, copies) with its share of the profiled kernel time, and the `--top` kernels by total
-time. On CUDA the rows are GPU kernels; on CPU (smoke tests) they are the CPU ops at the bottom
-of the call tree (self time). Kernel time is not step time: gaps where the device waits for the
-host show up as the difference between the two, printed as "idle".
+time with their launches per step. On CUDA the rows are GPU kernels; on CPU (smoke tests) they are
+the CPU ops at the bottom of the call tree (self time). Kernel time is not step time: gaps where
+the device waits for the host show up as the difference between the two, printed as "idle".
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ def _is_annotation(event) -> bool:
     return bool(getattr(event, "is_user_annotation", False)) or event.key.startswith(("ProfilerStep#", "Optimizer."))
 
 
-def kernel_times_us(profiler, on_cuda: bool) -> dict[str, float]:
-    """Kernel (CUDA) or leaf-op (CPU self time) name -> total microseconds over the profiled steps."""
-    totals: dict[str, float] = {}
+def _kernel_events(profiler, on_cuda: bool):
+    """(name, microseconds, calls) of each kernel (CUDA) or leaf op (CPU self time) with time."""
     for event in profiler.key_averages():
         if _is_annotation(event):
             continue
@@ -68,11 +67,28 @@ def kernel_times_us(profiler, on_cuda: bool) -> dict[str, float]:
             if event.key.startswith("ProfilerStep"):
                 continue
         if micros > 0:
-            totals[event.key] = totals.get(event.key, 0.0) + micros
+            yield event.key, micros, getattr(event, "count", 0)
+
+
+def kernel_times_us(profiler, on_cuda: bool) -> dict[str, float]:
+    """Kernel (CUDA) or leaf-op (CPU self time) name -> total microseconds over the profiled steps."""
+    totals: dict[str, float] = {}
+    for name, micros, _ in _kernel_events(profiler, on_cuda):
+        totals[name] = totals.get(name, 0.0) + micros
     return totals
 
 
-def summarize(totals_us: dict[str, float], steps: int, step_ms: float, top: int) -> dict:
+def kernel_calls(profiler, on_cuda: bool) -> dict[str, int]:
+    """Kernel (or leaf-op) name -> launches over the profiled steps: how many casts, say, a step
+    makes (docs/benchmarks.md compares the fp8 cast kernels' count per step)."""
+    calls: dict[str, int] = {}
+    for name, _, count in _kernel_events(profiler, on_cuda):
+        calls[name] = calls.get(name, 0) + count
+    return calls
+
+
+def summarize(totals_us: dict[str, float], steps: int, step_ms: float, top: int,
+              calls: dict[str, int] | None = None) -> dict:
     by_kind: dict[str, float] = {}
     for name, micros in totals_us.items():
         kind = kind_of(name)
@@ -83,7 +99,8 @@ def summarize(totals_us: dict[str, float], steps: int, step_ms: float, top: int)
     return {"step_ms": step_ms, "kernel_ms": kernel_ms, "idle_ms": max(step_ms - kernel_ms, 0.0),
             "kinds": [{"kind": kind, "ms_per_step": ms, "pct_of_kernel_time": 100.0 * ms / kernel_ms if kernel_ms else 0.0}
                       for kind, ms in kinds],
-            "top": [{"name": name, "kind": kind_of(name), "ms_per_step": micros / 1000.0 / steps}
+            "top": [{"name": name, "kind": kind_of(name), "ms_per_step": micros / 1000.0 / steps,
+                     "calls_per_step": (calls or {}).get(name, 0) / steps}
                     for name, micros in top_kernels]}
 
 
@@ -95,11 +112,12 @@ def print_tables(summary: dict, label: str) -> None:
     for row in summary["kinds"]:
         print(f"| {row['kind']} | {row['ms_per_step']:.2f} | {row['pct_of_kernel_time']:.1f} |")
     print()
-    print("| kernel | kind | ms/step |")
-    print("|---|---|---:|")
+    print("| kernel | kind | ms/step | calls/step |")
+    print("|---|---|---:|---:|")
     for row in summary["top"]:
         name = row["name"] if len(row["name"]) <= 90 else row["name"][:87] + "..."
-        print(f"| `{name.replace('|', '/')}` | {row['kind']} | {row['ms_per_step']:.2f} |")
+        print(f"| `{name.replace('|', '/')}` | {row['kind']} | {row['ms_per_step']:.2f} | "
+              f"{row.get('calls_per_step', 0):g} |")
 
 
 def profile_steps(trainer, iterator, first_step: int, steps: int, top: int):
@@ -118,7 +136,7 @@ def profile_steps(trainer, iterator, first_step: int, steps: int, top: int):
             trainer.step = step
         sync()
         step_ms = (time.perf_counter() - start) * 1000.0 / steps
-    summary = summarize(kernel_times_us(profiler, on_cuda), steps, step_ms, top)
+    summary = summarize(kernel_times_us(profiler, on_cuda), steps, step_ms, top, kernel_calls(profiler, on_cuda))
     summary["profiled_steps"] = steps
     return summary, profiler
 

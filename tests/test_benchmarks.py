@@ -142,6 +142,32 @@ def test_profile_step_leaves_out_annotated_ranges_that_would_count_kernels_twice
                       "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": 40.6}
 
 
+def test_profile_step_counts_each_kernel_s_launches_per_step(capsys):
+    # docs/benchmarks.md reads the fp8 cast kernels' launches per step from the profile (4 activation
+    # casts per block instead of 7): the top-kernel table must carry that count, not only the time.
+    sys.path.insert(0, f"{REPO_ROOT}/benchmarks")
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(f"{REPO_ROOT}/benchmarks")
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    events = [SimpleNamespace(key="_scale_cast_kernel", device_type=DeviceType.CUDA, self_device_time_total=990.0,
+                              count=432, is_user_annotation=False),
+              SimpleNamespace(key="Optimizer.step#AdamW.step", device_type=DeviceType.CUDA,
+                              self_device_time_total=29.0, count=3, is_user_annotation=False)]
+    profiler = SimpleNamespace(key_averages=lambda: events)
+    assert profile_step.kernel_calls(profiler, on_cuda=True) == {"_scale_cast_kernel": 432}
+    summary = profile_step.summarize(profile_step.kernel_times_us(profiler, on_cuda=True), 3, 1.0, 10,
+                                     profile_step.kernel_calls(profiler, on_cuda=True))
+    assert summary["top"] == [{"name": "_scale_cast_kernel", "kind": "fp8 cast", "ms_per_step": 0.33,
+                               "calls_per_step": 144.0}]
+    profile_step.print_tables(summary, "fp8")
+    assert "| `_scale_cast_kernel` | fp8 cast | 0.33 | 144 |" in capsys.readouterr().out
+
+
 def test_attention_benchmark_checks_each_cpu_kernel_against_the_fp32_reference(script_runs):
     folder, future = script_runs["attention"]
     out = folder / "attention.json"
