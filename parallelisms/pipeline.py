@@ -16,7 +16,7 @@ gradients. The schedule's own gradient scaling is switched off so it is applied 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,11 @@ class Pipeline:
     n_microbatches: int
     loss_scale: float  # 1 / (n_microbatches * grad_accum_steps), see the module docstring
     returns_outputs_optionally: bool = False  # the schedule's step takes return_outputs (see _run_schedule)
+    # The microbatch shape the training schedule has run with, and builds of this rank's stages and
+    # schedule for evaluation batches of another shape (pipeline_evaluate).
+    train_microbatch_shape: tuple[int, ...] | None = None
+    rebuild: object = None
+    eval_pipelines: dict = field(default_factory=dict)
 
 
 def stage_ids_for_rank(pp_rank: int, pp_degree: int, num_stages: int, v_shape: bool) -> list[int]:
@@ -79,11 +84,17 @@ def build_pipeline(stage_modules: dict[int, nn.Module], num_stages: int, schedul
                               f"got {len(stages)}")
         schedule = schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=ScaledLoss(loss_fn, loss_scale),
                                   **options)
+
+    def rebuild() -> Pipeline:
+        return build_pipeline(stage_modules, num_stages, schedule_name, n_microbatches, grad_accum_steps, loss_fn,
+                              pp_mesh, device)
+
     return Pipeline(schedule=schedule, stages=stages, model_parts=list(stage_modules.values()), pp_group=group,
                     has_first_stage=any(stage.is_first for stage in stages),
                     has_last_stage=any(stage.is_last for stage in stages), n_microbatches=n_microbatches,
                     loss_scale=loss_scale,
-                    returns_outputs_optionally="return_outputs" in inspect.signature(schedule.step).parameters)
+                    returns_outputs_optionally="return_outputs" in inspect.signature(schedule.step).parameters,
+                    rebuild=rebuild)
 
 
 def _run_schedule(run, pipeline: Pipeline, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -111,7 +122,13 @@ def _run_schedule(run, pipeline: Pipeline, inputs: torch.Tensor, labels: torch.T
 def pipeline_forward_backward(pipeline: Pipeline, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One accumulation step through the pipeline; gradients accumulate in the stage modules.
     Returns this step's share of the mean loss (loss / grad_accum_steps)."""
+    if pipeline.train_microbatch_shape is None:
+        pipeline.train_microbatch_shape = _microbatch_shape(pipeline, labels)
     return _run_schedule(pipeline.schedule.step, pipeline, inputs, labels)
+
+
+def _microbatch_shape(pipeline: Pipeline, labels: torch.Tensor) -> tuple[int, ...]:
+    return (labels.shape[0] // pipeline.n_microbatches, *labels.shape[1:])
 
 
 @torch.no_grad()
@@ -120,5 +137,16 @@ def pipeline_evaluate(pipeline: Pipeline, inputs: torch.Tensor, labels: torch.Te
     if not hasattr(pipeline.schedule, "eval"):
         raise ConfigError("validation with pipeline parallel needs a torch whose pipeline schedules have eval(); "
                           "set validation.enable = false")
+    # A stage learns its inputs' shapes from its first run, and torch before 2.12 keeps them: a batch of
+    # another shape fails there (PipeliningShapeError, or receive buffers of the wrong size). So
+    # evaluation batches whose microbatches differ from training's (validation.local_batch_size or
+    # seq_len) run through stages and a schedule of their own over the same modules, built at the
+    # first such batch (the data loaders drop partial batches: one build per run).
+    shape = _microbatch_shape(pipeline, labels)
+    runner = pipeline
+    if shape != pipeline.train_microbatch_shape:  # (None: evaluation before any training step)
+        if shape not in pipeline.eval_pipelines:
+            pipeline.eval_pipelines[shape] = pipeline.rebuild()
+        runner = pipeline.eval_pipelines[shape]
     # The scaled microbatch losses sum to (batch mean) / grad_accum_steps; undo that factor.
-    return _run_schedule(pipeline.schedule.eval, pipeline, inputs, labels) / (pipeline.loss_scale * pipeline.n_microbatches)
+    return _run_schedule(runner.schedule.eval, runner, inputs, labels) / (runner.loss_scale * runner.n_microbatches)

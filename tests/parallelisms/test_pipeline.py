@@ -91,6 +91,47 @@ def test_last_stage_keeps_no_microbatch_logits_after_a_step_or_an_evaluation(one
     torch.testing.assert_close(evaluated, expected, rtol=1e-5, atol=0.0)
 
 
+def test_evaluation_batches_of_another_shape_run_on_stages_of_their_own(one_rank_pp_mesh):
+    # A stage learns its input shapes from its first run and torch 2.11 keeps them: a validation
+    # batch of another size or length raised PipeliningShapeError there. Such batches now run
+    # through stages of their own over the same modules, and training continues on its own.
+    import torch
+
+    from torchtitan_like.losses import cross_entropy_loss
+    from torchtitan_like.models.llama3 import Transformer, get_flavor
+    from torchtitan_like.parallelisms.pipeline import build_pipeline, pipeline_evaluate, pipeline_forward_backward
+
+    args = get_flavor("debugmodel")
+    args.vocab_size, args.n_layers = 64, 2
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    pipeline = build_pipeline({0: model}, num_stages=1, schedule_name="1F1B", n_microbatches=2, grad_accum_steps=1,
+                              loss_fn=cross_entropy_loss, pp_mesh=one_rank_pp_mesh, device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(rows, length):
+        return (torch.randint(0, args.vocab_size, (rows, length), generator=generator),
+                torch.randint(0, args.vocab_size, (rows, length), generator=generator))
+
+    def expected(tokens, labels):
+        with torch.no_grad():
+            return cross_entropy_loss(model(tokens), labels)
+
+    train_batch = batch(4, 16)
+    torch.testing.assert_close(pipeline_forward_backward(pipeline, *train_batch), expected(*train_batch),
+                               rtol=1e-5, atol=0.0)
+    for rows, length in ((8, 16), (4, 8), (4, 16), (8, 16)):
+        evaluation = batch(rows, length)
+        torch.testing.assert_close(pipeline_evaluate(pipeline, *evaluation), expected(*evaluation),
+                                   rtol=1e-5, atol=0.0, msg=f"{rows}x{length}")
+    # one build per other microbatch shape; the training shape evaluates on the training stages
+    assert sorted(pipeline.eval_pipelines) == [(2, 8), (4, 16)]
+    model.zero_grad()
+    torch.testing.assert_close(pipeline_forward_backward(pipeline, *train_batch), expected(*train_batch),
+                               rtol=1e-5, atol=0.0)
+    assert all(param.grad is not None for param in model.parameters())
+
+
 @pytest.mark.parametrize("n_layers, num_stages", [(5, 2), (32, 3), (7, 4), (126, 8)])
 def test_automatic_split_gives_no_remainder_layer_to_the_last_stage(n_layers, num_stages):
     # The last stage also computes the output projection (2.4 layers' worth for Llama 3 8B): a
