@@ -87,7 +87,9 @@ def test_saving_the_fp8_weight_gives_the_same_bits_without_the_weight(backend, e
     for name, actual, expected in zip(("y", "dx", "dW"), _run(saving, x, grad_output), _run(plain, x, grad_output)):
         assert torch.equal(actual, expected), name
     # What backward holds: the forward's fp8 W^T (K, N) instead of the weight itself.
-    saved = {layer: layer(x).grad_fn.next_functions[0][0].saved_tensors for layer in (plain, saving)}  # under the reshape
+    # (torch 2.11 frees a node's saved tensors with its output: keep the outputs alive)
+    outputs = {layer: layer(x) for layer in (plain, saving)}
+    saved = {layer: y.grad_fn.next_functions[0][0].saved_tensors for layer, y in outputs.items()}  # under the reshape
     assert any(t is plain.weight or t.data_ptr() == plain.weight.data_ptr() for t in saved[plain])
     fp8_shapes = {layer: sorted(tuple(t.shape) for t in saved[layer] if t.dtype == q.E4M3) for layer in saved}
     assert fp8_shapes[plain] == [(32, 18)] and fp8_shapes[saving] == [(32, 18), (32, 48)]  # x^T; x^T and W^T
