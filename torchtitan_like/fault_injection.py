@@ -6,6 +6,8 @@ and checkpoint save) or mid-save
 (`save`: after this rank wrote its checkpoint files, before the commit); PHASE `preempt` sends it
 SIGTERM at the `train` point instead, as a scheduler preempting the job would. It fires only in the
 first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT = 0), so the restarted group runs clean.
+A comma-separated list gives one fault per attempt: the i-th fires in attempt i (restart count i),
+so one torchrun job with `--max-restarts N` can lose a rank N times in different places.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import signal
 
 def _spec() -> tuple[int, int, str] | None:
     text = os.environ.get("TORCHTITAN_LIKE_FAULT", "")
-    if not text or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    faults = [fault for fault in text.split(",") if fault]
+    if attempt >= len(faults):
         return None
-    rank, step, phase = text.split(":")
+    rank, step, phase = faults[attempt].split(":")
     return int(rank), int(step), phase
 
 
