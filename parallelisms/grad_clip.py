@@ -71,14 +71,16 @@ def clip_grad_norm(parameters, max_norm: float, parallel_dims, mesh, norm_type: 
             optimizer.grad_scale = torch.clamp((total_norm + 1e-6) / max_norm, min=1.0).float().to(grads[0].device)
         elif hasattr(optimizer, "grad_scale"):
             del optimizer.grad_scale
-    elif max_norm > 0 and any(grad is not p.grad for p, grad in zip(parameters, grads)):
-        # fp32 accumulations of split master weights' gradients (`main_grad`), which torch's clip skips
-        coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        for device, group in _by_device(grads).items():
-            torch._foreach_mul_(group, coefficient.to(device))
     elif max_norm > 0:
-        # Takes the parameters, not their gradients: it scales each `p.grad`.
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
+        # torch's coefficient, applied to the local tensors: scaling a DTensor's local shard,
+        # replica or partial sum scales its full value alike. Not torch's clip_grads_with_norm_:
+        # torch 2.11's foreach multiply leaves Partial DTensors unscaled (the gradients of
+        # sequence-parallel norm weights under TP), and it skips split master weights' fp32
+        # accumulations (`main_grad`).
+        coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        local = [grad.to_local() if is_dtensor(grad) else grad for grad in grads]
+        for device, group in _by_device(local).items():
+            torch._foreach_mul_(group, coefficient.to(device))
     return total_norm
 
 

@@ -110,7 +110,29 @@ def _clip_with_one_stage_holding_no_gradients(rank, world_size, out_dir):
     params = parameters_with_gradients(torch.full((4,), 3.0)) if rank == 0 else []
     returned = clip_grad_norm(params, 1.0, SimpleNamespace(pp_enabled=True), mesh)
     clipped = total_norm(params) if params else None
-    torch.save({"norm": float(returned), "clipped": clipped}, f"{out_dir}/rank{rank}.pt")
+    torch.save({"norm": float(returned), "clipped": clipped, "dtensor": _clip_dtensor_gradients(world_size)},
+               f"{out_dir}/rank{rank}.pt")
+
+
+def _clip_dtensor_gradients(world_size):
+    """Clip DTensor gradients of the three placements TP gives them (a sequence-parallel norm's
+    weight gets a Partial one); returns their full values after the clip, and the norm."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    rank = mesh.get_local_rank()
+    # full gradient values: partial 4 x (rank + 1) summed = 4 x 3; a shard of 2 x 2.0; a replica of 6.0
+    gradients = [DTensor.from_local(torch.full((4,), float(rank + 1)), mesh, [Partial()]),
+                 DTensor.from_local(torch.full((2,), 2.0), mesh, [Shard(0)]),
+                 DTensor.from_local(torch.full((1,), 6.0), mesh, [Replicate()])]
+    params = []
+    for gradient in gradients:
+        param = torch.nn.Parameter(torch.zeros_like(gradient))
+        param.grad = gradient
+        params.append(param)
+    norm = clip_grad_norm(params, 1.0, None, mesh)
+    return {"norm": float(norm), "clipped": [param.grad.full_tensor() for param in params]}
 
 
 def test_a_pipeline_stage_without_gradients_joins_the_norm_reduction_instead_of_hanging_the_others(tmp_path):
@@ -121,3 +143,10 @@ def test_a_pipeline_stage_without_gradients_joins_the_norm_reduction_instead_of_
     # both stages return the global norm sqrt(4 * 3^2) = 6; the stage with gradients clips them to 1
     assert [math.isclose(result["norm"], 6.0, rel_tol=1e-6) for result in results] == [True, True], results
     assert math.isclose(results[0]["clipped"], 1.0, rel_tol=1e-5) and results[1]["clipped"] is None
+    # DTensor gradients: the global norm sqrt(4 x 3^2 + 4 x 2^2 + 6^2) = sqrt(88), and every placement
+    # scaled by 1 / sqrt(88). torch 2.11's foreach multiply left the Partial one unscaled.
+    for result in results:
+        norm, clipped = result["dtensor"]["norm"], result["dtensor"]["clipped"]
+        assert math.isclose(norm, math.sqrt(88.0), rel_tol=1e-6), norm
+        for value, gradient in zip((3.0, 2.0, 6.0), clipped):
+            torch.testing.assert_close(gradient, torch.full_like(gradient, value / math.sqrt(88.0)))
