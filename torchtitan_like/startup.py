@@ -61,6 +61,29 @@ def supports_native_gqa(backends: tuple[str, ...], device: torch.device) -> bool
     return not backends or any(name in backends for name in ("cudnn", "flash"))
 
 
+# The checkpoint states the trainer adds to the built-in ones (its CheckpointManager's `extra_states`).
+TRAINER_EXTRA_STATES = ("train_state",)
+
+
+def check_checkpoint_inputs(config, world_size: int) -> None:
+    """The checkpoint settings the manager and the trainer would refuse only once the process group,
+    data and model exist: an unknown excluded state, a seed checkpoint on several processes, and an
+    `initial_load_path` that does not exist for a run that has no checkpoint of its own yet (a run
+    that has one resumes from it and never reads the path)."""
+    from torchtitan_like.checkpoint.state import check_excluded_states
+
+    checkpoint = config.checkpoint
+    check_excluded_states(checkpoint.exclude_from_loading, TRAINER_EXTRA_STATES)
+    if checkpoint.create_seed_checkpoint and world_size > 1:
+        raise ConfigError(f"checkpoint.create_seed_checkpoint = true runs on a single process; this run has "
+                          f"{world_size}: launch it with one (e.g. NGPU=1)")
+    if checkpoint.enable and checkpoint.initial_load_path and not os.path.isdir(checkpoint.initial_load_path):
+        root = os.path.join(config.job.dump_folder, checkpoint.folder)
+        if not (os.path.isdir(root) and os.listdir(root)):
+            raise ConfigError(f"checkpoint.initial_load_path = {checkpoint.initial_load_path!r} does not exist or is "
+                              f"not a folder, and {root} holds no checkpoint to resume from")
+
+
 class CheckedInputs(NamedTuple):
     """What the start-up checks resolve on the way, and the Trainer builds on."""
     tokenizer: object
@@ -84,7 +107,6 @@ def check_user_inputs(config, world_size: int) -> CheckedInputs:
     tokenizer = build_tokenizer(config.model)
     spec, model_args = resolve_model_args(config, tokenizer)
     validate_config(config, model_args)
-    check_dataset_paths(config)
     if config.checkpoint.enable and config.checkpoint.initial_load_path:
         from torchtitan_like.checkpoint.hf_convert import check_imported_architecture
 
@@ -92,6 +114,7 @@ def check_user_inputs(config, world_size: int) -> CheckedInputs:
     parallel_dims = ParallelDims.from_config(config.parallelism, world_size)
     parallel_dims.validate_model(model_args, config.training, config.parallelism, config.validation)
     grad_accum_steps = gradient_accumulation_steps(config.training, parallel_dims.dp)
+    check_dataset_paths(config, tokenizer, parallel_dims.dp)
     device = resolve_device(config.training.device)
     model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, device)
     model_args.sdpa_native_gqa = supports_native_gqa(model_args.sdpa_backends, device)
@@ -104,4 +127,5 @@ def check_user_inputs(config, world_size: int) -> CheckedInputs:
         from torchtitan_like.kernels.float8 import check_float8_support
 
         check_float8_support(device, config.float8)
+    check_checkpoint_inputs(config, world_size)
     return CheckedInputs(tokenizer, spec, model_args, parallel_dims, grad_accum_steps, device)

@@ -96,3 +96,45 @@ def test_the_training_config_can_ask_the_loader_to_verify_checksums(prepared):
     config.training.dataset_verify_checksums = True
     with pytest.raises(DataError, match=f"shard {shard} does not match its SHA-256"):
         next(iter(build_dataloader(config, ByteTokenizer(), 0, 1)))
+
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("no validation split", r'no "validation" split .* --validation-fraction'),
+    ("another tokenizer", r"was tokenized with byte tokenizer .*vocab_size=258"),
+    ("too few validation tokens", r"validation split\) has \d+ tokens, too few: 2 data-parallel rank\(s\) x 32 sample"),
+    ("truncated shard", r"train_00000.bin has 398 bytes"),
+    ("changed byte", r"train_00000.bin does not match its SHA-256"),
+])
+def test_the_start_up_check_refuses_what_the_loaders_would(tmp_path, tiktoken_file, mistake, message):
+    """`train --check-config` runs startup.check_user_inputs in one process before torchrun: it must
+    stop every prepare-data mistake the loaders would otherwise hit on every rank after the process
+    group exists (each of these passed it before)."""
+    from torchtitan_like.startup import check_user_inputs
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"{name} some text for the shards " * 20)
+    prepared = tmp_path / "out"
+    fraction = "0" if mistake == "no validation split" else "0.5"
+    main(["--input", str(tmp_path / "*.txt"), "--output", str(prepared), "--shard-tokens", "200",
+          "--validation-fraction", fraction])
+    config = make_job_config(dataset="tokenized", dataset_path=str(prepared), seq_len=8, local_batch_size=1,
+                             steps=2, dataset_verify_checksums=True)
+    config.job.dump_folder = str(tmp_path / "run")
+    config.lr_scheduler.warmup_steps = 0
+    config.validation.enable, config.validation.dataset, config.validation.local_batch_size = True, "tokenized", 2
+    if mistake != "no validation split":
+        check_user_inputs(config, world_size=2)  # fine as prepared
+    shard = prepared / "train_00000.bin"
+    if mistake == "another tokenizer":
+        config.model.tokenizer, config.model.hf_assets_path = "tiktoken", str(tiktoken_file)
+    elif mistake == "too few validation tokens":
+        config.validation.local_batch_size = 32  # 2 ranks x 32 x 9 tokens: more than the split's 542
+    elif mistake == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:-2])
+    elif mistake == "changed byte":
+        data = bytearray(shard.read_bytes())
+        data[0] ^= 1
+        shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=message):
+        check_user_inputs(config, world_size=2)

@@ -124,9 +124,17 @@ def check_tokenizer_matches(metadata: ShardMetadata, folder: Path, tokenizer: To
                         f"in [model] or re-run prepare-data with it")
 
 
-def load_token_shards(folder: str | Path, split: str, tokenizer: Tokenizer | None = None,
-                      verify_checksums: bool = False) -> TokenStream:
-    """The tokens of `split` in a prepare-data folder, memory-mapped shard by shard."""
+# Shards whose SHA-256 this process has checked, by (path, size, mtime): the start-up check
+# (startup.py) and the loader both verify, and a second read of every byte would double the cost.
+_VERIFIED_SHARDS: set[tuple[str, int, int]] = set()
+
+
+def check_token_shards(folder: str | Path, split: str, tokenizer: Tokenizer | None = None,
+                       verify_checksums: bool = False) -> tuple[np.dtype, list[tuple[Path, int]]]:
+    """Every check of `split` in a prepare-data folder that needs no token read (metadata, tokenizer,
+    split present, shard sizes) and, on request, the checksums; returns the shards' dtype and
+    (path, token count) of each. Cheap enough for the start-up checks, which run it before any
+    process group exists so that a mistake stops the run once (--check-config)."""
     folder = Path(folder)
     metadata = ShardMetadata.load(folder)
     if tokenizer is not None:
@@ -135,18 +143,28 @@ def load_token_shards(folder: str | Path, split: str, tokenizer: Tokenizer | Non
         raise DataError(f'{folder} has no "{split}" split (it has: {", ".join(metadata.splits) or "none"}); '
                         f"re-run prepare-data with --validation-fraction > 0 for a validation split")
     dtype = np.dtype(metadata.dtype).newbyteorder("<")
-    arrays = []
+    shards = []
     for shard in metadata.splits[split].shards:
         path = folder / shard.file
         if not path.is_file():
             raise DataError(f"shard {path} listed in {folder / METADATA_FILE} is missing")
-        size = path.stat().st_size
-        if size != shard.num_bytes or size != shard.num_tokens * dtype.itemsize:
-            raise DataError(f"shard {path} has {size} bytes but the metadata expects {shard.num_tokens} "
+        stat = path.stat()
+        if stat.st_size != shard.num_bytes or stat.st_size != shard.num_tokens * dtype.itemsize:
+            raise DataError(f"shard {path} has {stat.st_size} bytes but the metadata expects {shard.num_tokens} "
                             f"{metadata.dtype} tokens = {shard.num_tokens * dtype.itemsize} bytes; the shard is "
                             f"truncated or of another dtype: re-run prepare-data")
-        if verify_checksums and hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
-            raise DataError(f"shard {path} does not match its SHA-256 in the metadata; re-run prepare-data")
-        if shard.num_tokens:
-            arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard.num_tokens,)))
-    return TokenStream(arrays)
+        identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if verify_checksums and identity not in _VERIFIED_SHARDS:
+            if hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
+                raise DataError(f"shard {path} does not match its SHA-256 in the metadata; re-run prepare-data")
+            _VERIFIED_SHARDS.add(identity)
+        shards.append((path, shard.num_tokens))
+    return dtype, shards
+
+
+def load_token_shards(folder: str | Path, split: str, tokenizer: Tokenizer | None = None,
+                      verify_checksums: bool = False) -> TokenStream:
+    """The tokens of `split` in a prepare-data folder, memory-mapped shard by shard."""
+    dtype, shards = check_token_shards(folder, split, tokenizer, verify_checksums)
+    return TokenStream([np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+                        for path, num_tokens in shards if num_tokens])
