@@ -37,12 +37,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_like.checkpoint import folders
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
-from torchtitan_like.checkpoint.state import DataloaderState, ModelState, OptimizerState, RNGState
-from torchtitan_like.errors import ConfigError, UserError, did_you_mean
+from torchtitan_like.checkpoint.state import (DataloaderState, ModelState, OptimizerState, RNGState,
+                                              check_excluded_states)
+from torchtitan_like.errors import ConfigError, UserError
 from torchtitan_like.fault_injection import maybe_inject_fault
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUILTIN_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "rng")
 
 
 def _rank() -> int:
@@ -185,15 +185,7 @@ class CheckpointManager:
         self._async_group = None
         self._pinned_stager: PinnedStager | None = None
 
-        for name in self.extra_states:
-            if name in BUILTIN_STATES:
-                raise ConfigError(f"extra_states key {name!r} clashes with a built-in checkpoint state "
-                                  f"({', '.join(BUILTIN_STATES)})")
-        known = list(BUILTIN_STATES) + list(self.extra_states)
-        for name in checkpoint_config.exclude_from_loading:
-            if name not in known or name == "model":
-                raise ConfigError(f"checkpoint.exclude_from_loading: {name!r} is not an excludable state"
-                                  f"{did_you_mean(name, known)}; states: {', '.join(known[1:])}")
+        check_excluded_states(checkpoint_config.exclude_from_loading, self.extra_states)
         if checkpoint_config.export_dtype not in EXPORT_DTYPES:
             raise ConfigError(f"checkpoint.export_dtype = {checkpoint_config.export_dtype!r}; allowed: "
                               f"{', '.join(EXPORT_DTYPES)}")

@@ -29,6 +29,24 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchtitan_like import master_weights
+from torchtitan_like.data.dataloader import check_loader_state
+from torchtitan_like.errors import ConfigError, did_you_mean
+
+BUILTIN_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "rng")  # extra states add to these
+
+
+def check_excluded_states(exclude_from_loading: Sequence[str], extra_state_names: Sequence[str]) -> None:
+    """ConfigError for a name of `checkpoint.exclude_from_loading` that is no state of the checkpoint
+    besides the model; the start-up checks (startup.py) run it with the trainer's extra states."""
+    for name in extra_state_names:
+        if name in BUILTIN_STATES:
+            raise ConfigError(f"extra_states key {name!r} clashes with a built-in checkpoint state "
+                              f"({', '.join(BUILTIN_STATES)})")
+    known = list(BUILTIN_STATES) + list(extra_state_names)
+    for name in exclude_from_loading:
+        if name not in known or name == "model":
+            raise ConfigError(f"checkpoint.exclude_from_loading: {name!r} is not an excludable state"
+                              f"{did_you_mean(name, known)}; states: {', '.join(known[1:])}")
 
 
 # ---------------------------------------------------------------------------------------- blobs
@@ -227,7 +245,9 @@ class DataloaderState:
         key = self.source_key(state_dict)
         if key is None:
             raise KeyError(f"no {self.KEY_PREFIX}<r> dataloader state among {sorted(state_dict)}")
-        self.dataloader.load_state_dict(decode_blob(state_dict[key]))
+        state = decode_blob(state_dict[key])
+        check_loader_state(self.dataloader, state)
+        self.dataloader.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------- train state
