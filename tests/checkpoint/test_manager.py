@@ -240,6 +240,27 @@ def test_exclude_from_loading_keeps_the_current_dataloader_and_optimizer(tmp_pat
     assert torch.equal(restored[0].output.weight, training[0].output.weight)
 
 
+def test_a_data_position_of_another_corpus_is_refused_by_load_not_by_the_first_batch(tmp_path):
+    # StatefulDataLoader applies a loaded state only at the next iter(): the mismatch surfaced after
+    # the trainer had logged the resume and rewritten the run's config.toml with the other corpus.
+    from tests.data.conftest import make_job_config
+    from torchtitan_like.data import build_dataloader
+    from torchtitan_like.data.tokenizers import ByteTokenizer
+    from torchtitan_like.errors import DataError
+
+    def loader(seq_len):
+        return build_dataloader(make_job_config(seq_len=seq_len, local_batch_size=1), ByteTokenizer(), 0, 1)
+
+    training = _training()
+    saved_loader = loader(8)
+    next(iter(saved_loader))
+    _manager(tmp_path, training[:3] + (saved_loader, training[4])).save(1)
+    other = _training()
+    manager = _manager(tmp_path, other[:3] + (loader(16), other[4]))
+    with pytest.raises(DataError, match=r"num_samples=\d+, but this run has num_samples=\d+"):
+        manager.load()
+
+
 def test_unknown_exclude_from_loading_key_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="dataloder.*did you mean \"dataloader\""):
         _manager(tmp_path, _training(), exclude_from_loading=["dataloder"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan_like.data.builtin_corpus import load_builtin_documents
 from torchtitan_like.data.packing import PackedSamples, TokenStream, collate_samples, encode_corpus
 from torchtitan_like.data.sampler import ShardedSampler
-from torchtitan_like.data.shards import ShardMetadata, load_token_shards
+from torchtitan_like.data.shards import check_token_shards, load_token_shards
 from torchtitan_like.data.sources import (check_huggingface_path, iter_documents, iter_huggingface_documents,
                                           resolve_corpus_files)
 from torchtitan_like.data.tokenizers import Tokenizer
@@ -76,16 +75,18 @@ def dataset_settings(job_config: Any, split: str) -> DatasetSettings:
                            training.dataset_verify_checksums)
 
 
-def check_dataset_paths(job_config: Any) -> None:
-    """Fail fast on a corpus path that does not exist (or a prepare-data folder without metadata):
-    cheap, so the trainer runs it before any process group exists."""
+def check_dataset_paths(job_config: Any, tokenizer: Tokenizer | None = None, dp_world_size: int = 1) -> None:
+    """Fail fast on a corpus path that does not exist; for a prepare-data folder, on everything its
+    metadata tells without reading tokens (tokenizer, split, shard sizes, enough tokens for a batch;
+    checksums when asked): cheap, so the trainer runs it before any process group exists."""
     splits = ["train"] + (["validation"] if job_config.validation.enable else [])
     for split in splits:
         settings = dataset_settings(job_config, split)
         if settings.dataset == "local":
             resolve_corpus_files(settings.path)
         elif settings.dataset == "tokenized":
-            ShardMetadata.load(Path(settings.path))
+            _, shards = check_token_shards(settings.path, split, tokenizer, settings.verify_checksums)
+            check_enough_tokens(sum(num_tokens for _, num_tokens in shards), settings, dp_world_size)
         elif settings.dataset == "huggingface":
             check_huggingface_path(settings.path)
 
@@ -115,15 +116,16 @@ def load_tokens(settings: DatasetSettings, tokenizer: Tokenizer) -> TokenStream:
                     f"expected builtin, local, tokenized or huggingface")
 
 
-def check_enough_samples(dataset: PackedSamples, settings: DatasetSettings, dp_world_size: int) -> None:
+def check_enough_tokens(num_tokens: int, settings: DatasetSettings, dp_world_size: int) -> None:
     # Training needs one sample per rank (batches may span epochs); validation needs a whole batch per
     # rank, since it runs one finite pass that drops the incomplete last batch.
     samples_per_rank = 1 if settings.split == "train" else settings.local_batch_size
-    needed_tokens = samples_per_rank * dp_world_size * dataset.window
-    if dataset.num_tokens < needed_tokens:
+    window = settings.seq_len + 1
+    needed_tokens = samples_per_rank * dp_world_size * window
+    if num_tokens < needed_tokens:
         raise DataError(
-            f"{settings.describe()} has {dataset.num_tokens:,} tokens, too few: {dp_world_size} data-parallel "
-            f"rank(s) x {samples_per_rank} sample(s) of seq_len + 1 = {dataset.window} tokens need at least "
+            f"{settings.describe()} has {num_tokens:,} tokens, too few: {dp_world_size} data-parallel "
+            f"rank(s) x {samples_per_rank} sample(s) of seq_len + 1 = {window} tokens need at least "
             f"{needed_tokens:,}; use a larger corpus or a smaller {settings.section}.seq_len"
             + ("" if settings.split == "train" else " or validation.local_batch_size"))
 
@@ -133,7 +135,7 @@ def build_dataloader(job_config: Any, tokenizer: Tokenizer, dp_rank: int, dp_wor
     """The loader of this data-parallel rank for `split` ("train" reads [training], "validation" [validation])."""
     settings = dataset_settings(job_config, split)
     dataset = PackedSamples(load_tokens(settings, tokenizer), settings.seq_len)
-    check_enough_samples(dataset, settings, dp_world_size)
+    check_enough_tokens(dataset.num_tokens, settings, dp_world_size)
     is_train = split == "train"
     sampler = ShardedSampler(len(dataset), dp_rank, dp_world_size, seed=settings.seed,
                              shuffle=is_train, infinite=is_train)
@@ -142,3 +144,15 @@ def build_dataloader(job_config: Any, tokenizer: Tokenizer, dp_rank: int, dp_wor
     generator = torch.Generator().manual_seed(settings.seed)
     return StatefulDataLoader(dataset, batch_size=settings.local_batch_size, sampler=sampler, drop_last=True,
                               num_workers=0, collate_fn=collate_samples, generator=generator)
+
+
+def check_loader_state(loader: Any, state: Any) -> None:
+    """DataError now for a saved loader `state` that `loader` cannot continue (another corpus or
+    seed). StatefulDataLoader applies a loaded state only at the next `iter()`, so without this the
+    mistake surfaced after the trainer had logged the resume and rewritten the run's config.toml."""
+    if not isinstance(state, dict):
+        return
+    sampler_state = (state.get("_sampler_iter_state") or {}).get("sampler_state")
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler_state, dict) and isinstance(sampler, ShardedSampler):
+        sampler.check_state_dict(sampler_state)

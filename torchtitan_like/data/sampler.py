@@ -90,13 +90,16 @@ class ShardedSampler(Sampler[int]):
                 "consumed_in_epoch": self.yielded_in_epoch * self.dp_world_size, "seed": self.seed,
                 "num_samples": self.num_samples, "dp_world_size": self.dp_world_size}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # A different corpus or seed would silently replay other data; fail instead.
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """DataError for a saved state of another corpus or seed: it would silently replay other data."""
         for key in ("seed", "num_samples"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise DataError(f"the checkpointed data loader state has {key}={state_dict[key]}, but this run has "
                                 f"{key}={getattr(self, key)}, so the data order cannot continue; restore the old "
                                 f'setting or add "dataloader" to checkpoint.exclude_from_loading')
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
         self.epoch = int(state_dict["epoch"])
         saved_world_size = int(state_dict.get("dp_world_size", self.dp_world_size))
         if saved_world_size == self.dp_world_size:
