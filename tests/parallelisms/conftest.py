@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from tests.parallelisms.harness import PLANS, assert_same_training, launch_world, load_results, load_structure
+from tests.parallelisms.harness import (PLANS, RTOL, assert_same_training, launch_world, load_results, load_structure,
+                                       load_validation_loss)
 
 
 def pytest_configure(config):
@@ -49,5 +50,23 @@ def assert_plan_matches_reference(plan_results):
     def check(name: str) -> None:
         reference = plan_results(PLANS[name].reference_name())
         assert_same_training(plan_results(name), reference)
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def assert_plan_validates_like_reference(plan_results):
+    """assert_plan_validates_like_reference(name): the trained model's validation loss under the plan
+    (a plan with `validate`) equals the single process's evaluation of the same batches."""
+
+    def check(name: str) -> None:
+        reference = PLANS[name].reference_name()
+        assert PLANS[name].validate and PLANS[reference].validate, (name, reference)
+        plan_results(name)  # launches the plans' worlds once per session
+        plan_results(reference)
+        ours, expected = (load_validation_loss(os.path.join(plan_results.launched[PLANS[plan].nproc], plan))
+                          for plan in (name, reference))
+        assert expected > 0
+        assert abs(ours - expected) <= RTOL * expected, (ours, expected)
 
     return check

@@ -77,7 +77,8 @@ PLANS: dict[str, Plan] = {
     # reference clips in place and steps with foreach
     "fsdp2_fused_adamw": Plan(2, 8, ("--parallelism.data_parallel_shard_degree", "2",
                                      "--optimizer.implementation", "fused")),
-    "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2")),
+    # also evaluates: the validation loss of vocab-sharded logits under loss parallel
+    "tp2": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2"), validate=True),
     "tp2_float8": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *FLOAT8),
                        reference="reference_batch4_float8"),
     # per-op AC over TP Float8 layers: saved GEMMs, reduce-scatters and amax all-reduces change no value
@@ -137,8 +138,11 @@ PLANS: dict[str, Plan] = {
 }
 
 
-# 2 batches of 8 from the validation split, evaluated after the last step (run_plan.py)
-VALIDATION = ("--validation.enable", "true", "--validation.steps", "2", "--validation.freq", "1000")
+# 2 batches of 8 x 16 tokens from the validation split, evaluated after the last step (run_plan.py):
+# another batch size and sequence length than training's 4 x 32, so a pipeline evaluates microbatches
+# of another shape than it trains on (parallelisms/pipeline.py: pipeline_evaluate)
+VALIDATION = ("--validation.enable", "true", "--validation.steps", "2", "--validation.freq", "1000",
+              "--validation.seq_len", "16")
 
 
 def plan_overrides(plan: Plan) -> list[str]:

@@ -1,5 +1,5 @@
-"""Tensor + sequence parallel (with and without loss parallel), alone and under FSDP, match one process;
-so does Float8 training under TP."""
+"""Tensor + sequence parallel (with and without loss parallel), alone and under FSDP, match one process,
+in training and in evaluation; so does Float8 training under TP."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ FLOAT8_TP_VS_HIGH_PRECISION = 0.25
 
 def test_tp2_with_sequence_and_loss_parallel_matches_single_process(assert_plan_matches_reference):
     assert_plan_matches_reference("tp2")
+
+
+def test_evaluation_under_tp2_with_loss_parallel_matches_single_process(assert_plan_validates_like_reference):
+    # vocab-sharded logits of validation batches of another size and length than training's
+    assert_plan_validates_like_reference("tp2")
 
 
 def test_tp2_with_per_block_compile_matches_single_process(assert_plan_matches_reference):
