@@ -9,6 +9,7 @@ import time
 import warnings
 
 import pytest
+import torch
 
 from tests.checkpoint.common import build_model, build_training, checkpoint_config, run_on_ranks, tiny_args
 from tests.checkpoint.test_manager import _write_model_only
@@ -79,6 +80,32 @@ def test_a_checkpoint_of_a_model_with_more_layers_is_a_user_error(tmp_path):
     _manager(tmp_path, build_model(tiny_args(n_layers=4))).save(3)
     with pytest.raises(UserError, match=r"9 tensor\(s\) of the checkpoint not in the model: layers\.3\."):
         _manager(tmp_path, build_model(tiny_args(n_layers=3))).load()
+
+
+@pytest.mark.parametrize("saved_tied", [True, False], ids=["tied_into_untied", "untied_into_tied"])
+def test_a_checkpoint_of_the_other_embedding_tying_is_a_user_error(tmp_path, saved_tied):
+    # Both flavors' state dicts hold tok_embeddings.weight and output.weight, so the model shapes
+    # match; the optimizer's parameters do not (a tied model has one Parameter for both). Before:
+    # tied into untied failed inside DCP ("Missing key ... optimizer.state.output.weight.step"),
+    # untied into tied loaded two matrices into one Parameter without a word.
+    from tests.checkpoint.common import train_step
+
+    saved = build_model(tiny_args(tie_word_embeddings=saved_tied))
+    optimizer, scheduler = build_training(saved)
+    train_step(saved, optimizer, scheduler)
+    CheckpointManager(checkpoint_config(), str(tmp_path), saved, optimizer, scheduler).save(1)
+    with pytest.raises(UserError, match=r"output\.weight") as error:
+        _manager(tmp_path, build_model(tiny_args(tie_word_embeddings=not saved_tied))).load()
+    assert "exclude_from_loading" in str(error.value)
+    model = build_model(tiny_args(tie_word_embeddings=not saved_tied))
+    fresh_optimizer = _manager(tmp_path, model, exclude_from_loading=["optimizer"])
+    if saved_tied:  # the untied model starts its head from the tied matrix: a legitimate start
+        assert fresh_optimizer.load() == 1
+        assert model.output.weight is not model.tok_embeddings.weight
+        assert torch.equal(model.output.weight, saved.tok_embeddings.weight)
+    else:  # a tied model cannot hold two matrices: refused from the weights themselves
+        with pytest.raises(UserError, match="untied LM head"):
+            fresh_optimizer.load()
 
 
 def _stage(n_layers: int, rank: int, world_size: int):

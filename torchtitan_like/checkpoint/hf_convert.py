@@ -27,7 +27,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan_like.checkpoint import folders
-from torchtitan_like.checkpoint.manager import EXPORT_DTYPES, check_model_shapes
+from torchtitan_like.checkpoint.fit import check_model_shapes
+from torchtitan_like.checkpoint.manager import EXPORT_DTYPES
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.errors import USER_ERROR_EXIT_CODE, ConfigError, DataError, UserError
 from torchtitan_like.models import get_model_spec

@@ -31,15 +31,17 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_like.checkpoint import folders
+from torchtitan_like.checkpoint.fit import (check_model_shapes, check_optimizer_parameters, check_tied_weights_loaded,
+                                            fit_to_checkpoint, global_model_shapes, global_names,
+                                            optimizer_parameter_names, untie_for_loading)
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.checkpoint.state import (DataloaderState, ModelState, OptimizerState, RNGState,
                                               check_excluded_states)
-from torchtitan_like.errors import ConfigError, UserError
+from torchtitan_like.errors import ConfigError
 from torchtitan_like.fault_injection import maybe_inject_fault
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,67 +58,6 @@ def _world_size() -> int:
 def _barrier(group=None) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier(group=group)
-
-
-def check_model_shapes(model_state: dict[str, torch.Tensor | tuple[int, ...]], metadata: Metadata, checkpoint_path: str,
-                       prefix: str = "model.") -> None:
-    """UserError naming every model tensor that is missing from the checkpoint or has another shape,
-    and every model tensor of the checkpoint that the model lacks (e.g. more layers). `model_state`
-    is the whole model (under pipeline parallel: every stage's, see `_global_model_shapes`)."""
-    saved = metadata.state_dict_metadata
-    missing, mismatched = [], []
-    for name, value in model_state.items():
-        entry, shape = saved.get(prefix + name), tuple(getattr(value, "shape", value))
-        if not isinstance(entry, TensorStorageMetadata):
-            missing.append(name)
-        elif tuple(entry.size) != shape:
-            mismatched.append(f"{name}: checkpoint {tuple(entry.size)} vs model {shape}")
-    unexpected = sorted(key[len(prefix):] for key in saved
-                        if key.startswith(prefix) and key[len(prefix):] not in model_state)
-    if not missing and not mismatched and not unexpected:
-        return
-    lines = [f"checkpoint {checkpoint_path} does not fit the model (different model config or flavor?)"]
-    if mismatched:
-        lines.append(f"{len(mismatched)} tensor(s) of another shape:\n  " + "\n  ".join(mismatched[:20]))
-    if missing:
-        lines.append(f"{len(missing)} tensor(s) missing from the checkpoint: " + ", ".join(missing[:20]))
-    if unexpected:
-        lines.append(f"{len(unexpected)} tensor(s) of the checkpoint not in the model: " + ", ".join(unexpected[:20]))
-    raise UserError("\n".join(lines))
-
-
-def _global_model_shapes(model_state: dict[str, torch.Tensor], group=None) -> dict[str, tuple[int, ...]]:
-    """The (global) shape of every model tensor held by any rank: under pipeline parallel a rank
-    holds only its stages, and every rank must judge the whole model alike (and raise alike)."""
-    shapes = {name: tuple(value.shape) for name, value in model_state.items()}
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return shapes
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, shapes, group=group)
-    return {name: shape for rank_shapes in gathered for name, shape in rank_shapes.items()}
-
-
-def _fit_to_checkpoint(template: dict, metadata: Metadata, prefix: str, what: str) -> dict:
-    """Size plain tensors of a load template after the checkpoint (blobs and loss histories vary in
-    length) and drop entries the checkpoint lacks (e.g. the RNG state of a rank that did not exist)."""
-    fitted = {}
-    for key, value in template.items():
-        fqn = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            if value and not any(saved.startswith(fqn + ".") for saved in metadata.state_dict_metadata):
-                warnings.warn(f"checkpoint has no {fqn}: {what} keeps its current value", stacklevel=3)
-                continue
-            fitted[key] = _fit_to_checkpoint(value, metadata, fqn, what)
-            continue
-        entry = metadata.state_dict_metadata.get(fqn)
-        if entry is None:
-            warnings.warn(f"checkpoint has no {fqn}: {what} keeps its current value", stacklevel=3)
-            continue
-        if isinstance(value, torch.Tensor) and isinstance(entry, TensorStorageMetadata) and not hasattr(value, "placements"):
-            if tuple(value.shape) != tuple(entry.size) or value.dtype != entry.properties.dtype:
-                value = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-        fitted[key] = value
-    return fitted
 
 
 class PinnedStager(BlockingAsyncStager):
@@ -355,7 +296,8 @@ class CheckpointManager:
         metadata = read_metadata(folder.path)
         excluded = set(self.config.exclude_from_loading)
         model_state = self.model.state_dict()
-        check_model_shapes(_global_model_shapes(model_state, self.process_group), metadata, folder.path)
+        check_model_shapes(global_model_shapes(model_state, self.process_group), metadata, folder.path)
+        tied = untie_for_loading(model_state)
         state: dict[str, Any] = {"model": model_state}
         if not model_only:
             for name, value in self._full_state(skip=excluded | {"model"}).items():
@@ -364,11 +306,16 @@ class CheckpointManager:
                 elif name == "dataloader":  # this rank's key, or another rank's when the dp degree grew
                     saved = [fqn[len("dataloader."):] for fqn in metadata.state_dict_metadata
                              if fqn.startswith("dataloader.")]
-                    state[name] = _fit_to_checkpoint(self.dataloader.load_template(saved), metadata, name, name)
+                    state[name] = fit_to_checkpoint(self.dataloader.load_template(saved), metadata, name, name)
                 else:
-                    state[name] = _fit_to_checkpoint(value, metadata, name, name)
+                    state[name] = fit_to_checkpoint(value, metadata, name, name)
+        if "optimizer" in state:
+            check_optimizer_parameters(global_names(optimizer_parameter_names(state["optimizer"], "state."),
+                                                    self.process_group), metadata, folder.path)
         dcp.load(state, storage_reader=SafeFileSystemReader(folder.path), planner=SafeLoadPlanner(),
                  process_group=self.process_group)
+        if tied:
+            check_tied_weights_loaded(state["model"], folder.path, self.process_group)
         self.model.load_state_dict(state["model"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
