@@ -47,3 +47,30 @@ def test_evaluation_leaves_training_untouched(trainer):
     assert all(part.training for part in trainer.model_parts)
     assert all(param.grad is None for part in trainer.model_parts for param in part.parameters())
     assert torch.is_grad_enabled()
+
+
+def test_only_the_first_validation_of_a_run_gets_the_start_up_timeout(tmp_path, monkeypatch):
+    # It compiles the forward-only graphs (under PP the stages one after another), as step 1 does.
+    import contextlib
+
+    import torchtitan_like.trainer as trainer_module
+
+    events = []
+
+    @contextlib.contextmanager
+    def recording_startup_timeout(comm, mesh):
+        events.append("start-up timeout")
+        yield
+        events.append("training timeout")
+
+    monkeypatch.setattr(trainer_module, "startup_timeout", recording_startup_timeout)
+    config, _ = load_config(tiny_overrides(str(tmp_path), steps=3) + [
+        "--validation.enable", "true", "--validation.steps", "1", "--validation.local_batch_size", "2",
+        "--validation.freq", "1", "--metrics.enable_tensorboard", "false"])
+    run = Trainer(config)
+    monkeypatch.setattr(run, "validate", lambda: events.append("validate") or 1.0)
+    try:
+        run.train()
+    finally:
+        run.close()
+    assert events == ["start-up timeout", "validate", "training timeout", "validate", "validate"]

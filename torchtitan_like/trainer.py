@@ -23,7 +23,7 @@ from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_see
 from torchtitan_like.config import to_toml
 from torchtitan_like.data import build_dataloader
 from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, set_group_timeouts,
-                                               set_train_timeout, world_info)
+                                               set_train_timeout, startup_timeout, world_info)
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.fault_injection import maybe_inject_fault
 from torchtitan_like.kernels.float8.fsdp import precompute_float8_scales
@@ -100,6 +100,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.training.steps)
         self.train_state = TrainState()
         self.train_timeout_set = False  # start-up collectives keep comm.init_timeout_seconds until step 1 ends
+        self.validated_once = False  # the first validation compiles, so it gets that timeout again
         # Checks that the checkpoint folder is writable before any training step.
         self.checkpointer = CheckpointManager(config.checkpoint, config.job.dump_folder, self.model_parts,
                                               self.optimizer, self.lr_scheduler, self.dataloader,
@@ -258,6 +259,15 @@ class Trainer:
 
         return evaluate(self)
 
+    def _validate_in_loop(self) -> float:
+        """The first validation compiles the forward-only graphs (and builds the evaluation stages under
+        PP): it runs under the start-up collective timeout, the later ones under the training one."""
+        if self.validated_once:
+            return self.validate()
+        self.validated_once = True
+        with startup_timeout(self.config.comm, self.mesh):
+            return self.validate()
+
     def train(self) -> list[float]:
         """Run to training.steps (resuming from the newest checkpoint); returns every step's
         data-parallel averaged loss, restored ones included. Raises `Preempted` after saving when a
@@ -305,7 +315,7 @@ class Trainer:
                         if self.metrics.should_log(self.step):
                             self.metrics.log(self.step, self.train_state.losses[-1], float(grad_norm), lr)
                     if self.val_dataloader is not None and (self.step % config.validation.freq == 0 or last):
-                        self.metrics.log_validation(self.step, self.validate())
+                        self.metrics.log_validation(self.step, self._validate_in_loop())
                     saved_now = self.checkpointer.save(self.step, last=last)
                     profiler.step()
                     snapshot.step()

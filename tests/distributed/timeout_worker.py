@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_like.config import load_config
-from torchtitan_like.distributed.setup import init_process_group, mesh_groups, set_group_timeouts, set_train_timeout
+from torchtitan_like.distributed.setup import (init_process_group, mesh_groups, set_group_timeouts, set_train_timeout,
+                                               startup_timeout)
 from torchtitan_like.parallelisms.parallel_dims import ParallelDims
 
 
@@ -29,6 +30,9 @@ def main() -> None:
     print(f"rank {rank} groups {len(mesh_groups(mesh))} init timeouts {timeouts(mesh)}", flush=True)
     set_train_timeout(config.comm, mesh)
     print(f"rank {rank} train timeouts {timeouts(mesh)}", flush=True)
+    with startup_timeout(config.comm, mesh):  # e.g. the first validation, which compiles
+        print(f"rank {rank} first-validation timeouts {timeouts(mesh)}", flush=True)
+    print(f"rank {rank} after-validation timeouts {timeouts(mesh)}", flush=True)
     if rank == 1:
         time.sleep(8)  # stops answering for longer than the training timeout
     start = time.perf_counter()

@@ -192,8 +192,8 @@ class Profiling:
 
 @dataclass
 class Comm:
-    init_timeout_seconds: int = option(300, "Collective timeout of every group from start-up to the end of the first step (checkpoint load, compilation).", ge=1)
-    train_timeout_seconds: int = option(100, "Collective timeout of every group (default and mesh dims) after the first step.", ge=1)
+    init_timeout_seconds: int = option(300, "Collective timeout of every group from start-up to the end of the first step (checkpoint load, compilation), and during the first validation.", ge=1)
+    train_timeout_seconds: int = option(100, "Collective timeout of every group (default and mesh dims) after the first step (but the first validation).", ge=1)
     trace_buf_size: int = option(20000, "NCCL flight-recorder entries kept for hang dumps (0 disables).", ge=0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -90,6 +91,22 @@ def set_train_timeout(comm_config, mesh) -> None:
         return
     dist.barrier()
     set_group_timeouts(comm_config.train_timeout_seconds, mesh)
+
+
+@contextlib.contextmanager
+def startup_timeout(comm_config, mesh):
+    """Run a block under the start-up timeout again, then return to the training one: for work that
+    compiles mid-run, like the first validation (torch.compile builds the forward-only graphs then,
+    and under pipeline parallel a stage waits while the stages before it compile, one after
+    another, as at step 1)."""
+    if not dist.is_initialized():
+        yield
+        return
+    set_group_timeouts(comm_config.init_timeout_seconds, mesh)
+    try:
+        yield
+    finally:
+        set_train_timeout(comm_config, mesh)
 
 
 def destroy_process_group() -> None:
