@@ -21,11 +21,12 @@ gradients stay unclipped (torch's fused kernel stores the divided gradient back)
 `TritonAdamW` / `TritonAdam` are torch.optim.AdamW / Adam with this step: same arguments, same param
 groups and same state (`step`, `exp_avg`, `exp_avg_sq`), so state dicts load both ways. For DTensor
 parameters (FSDP2, tensor parallel) the states are DTensors as in torch, and the kernel runs on the
-local shards. amsgrad, maximize, capturable, differentiable, fused/foreach, complex parameters raise
-ValueError at construction (and sparse gradients at the step): use torch's classes for those. The
-kernel runs on CUDA, and on CPU only under the Triton interpreter (TRITON_INTERPRET=1 when this
-module is imported); otherwise the base class's for-loop step runs, with the gradients first divided
-by `grad_scale` in place. `adam_step_reference` is the plain-torch math the tests compare against.
+local shards (on the tensor inside a shard that FSDP2 all-gathers in float8). amsgrad, maximize,
+capturable, differentiable, fused/foreach, complex parameters raise ValueError at construction (and
+sparse gradients at the step): use torch's classes for those. The kernel runs on CUDA, and on CPU
+only under the Triton interpreter (TRITON_INTERPRET=1 when this module is imported); otherwise the
+base class's for-loop step runs, with the gradients first divided by `grad_scale` in place.
+`adam_step_reference` is the plain-torch math the tests compare against.
 
 Rounding: fmas where torch's CPU kernels round once (lerp, addcmul, add with alpha) and IEEE sqrt, so
 the interpreter matches torch's for-loop AdamW (moments bit for bit); bf16 results are rounded once
@@ -147,6 +148,22 @@ def triton_available_for(x: torch.Tensor) -> bool:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (the update is elementwise), or the tensor itself."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def _local_param(param: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory the step updates: the local shard, or, for a shard that FSDP2
+    all-gathers in float8 (`Float8AllGatherWeight`, kernels/float8/fsdp.py), the tensor it wraps.
+    That wrapper has no storage of its own, so the kernel cannot take its pointer; and the kernel's
+    writes bypass its __torch_dispatch__, so the all-gather scale precomputed from the old values is
+    dropped here, as an in-place torch op would drop it. It is the DTensor's own `_local_tensor`:
+    from torch 2.13 on, `to_local()` of a Parameter returns a new view of it (a new wrapper)."""
+    from torchtitan_like.kernels.float8.fsdp import Float8AllGatherWeight
+
+    local = getattr(param, "_local_tensor", None)
+    if isinstance(local, Float8AllGatherWeight):
+        local._forget_precomputed_scale()
+        return local._data
+    return _local(param)
 
 
 def _in_layout_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -333,7 +350,7 @@ class _TritonAdamStep:
                 elif state["step"].device.type != "cpu":  # from a fused/capturable checkpoint: one sync, once
                     state["step"] = state["step"].to("cpu", torch.float32)
                 state["step"] += 1
-                local_param = _local(param)
+                local_param = _local_param(param)
                 if grad_scale is not None and local_param.device not in scale_on:
                     scale_on[local_param.device] = grad_scale.to(local_param.device, torch.float32)
                 local_grad = _local(_in_layout_of(param, grad))
