@@ -53,6 +53,24 @@ def one_rank_pp_mesh():
         dist.destroy_process_group()
 
 
+def _one_stage_pipeline(schedule_name: str, pp_mesh):
+    """(args, model, pipeline): a 2-layer debug model as the one stage of a 2-microbatch schedule."""
+    import torch
+
+    from torchtitan_like.losses import cross_entropy_loss
+    from torchtitan_like.models.llama3 import Transformer, get_flavor
+    from torchtitan_like.parallelisms.pipeline import build_pipeline
+
+    args = get_flavor("debugmodel")
+    args.vocab_size, args.n_layers = 64, 2
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    pipeline = build_pipeline({0: model}, num_stages=1, schedule_name=schedule_name, n_microbatches=2,
+                              grad_accum_steps=1, loss_fn=cross_entropy_loss, pp_mesh=pp_mesh,
+                              device=torch.device("cpu"))
+    return args, model, pipeline
+
+
 def test_last_stage_keeps_no_microbatch_logits_after_a_step_or_an_evaluation(one_rank_pp_mesh):
     # Only the microbatch losses are used. By default torch's last stage keeps every microbatch's
     # logits (microbatch x seq x vocab each: GBs at Llama 3's vocabulary) until the next step, and
@@ -60,15 +78,9 @@ def test_last_stage_keeps_no_microbatch_logits_after_a_step_or_an_evaluation(one
     import torch
 
     from torchtitan_like.losses import cross_entropy_loss
-    from torchtitan_like.models.llama3 import Transformer, get_flavor
-    from torchtitan_like.parallelisms.pipeline import build_pipeline, pipeline_evaluate, pipeline_forward_backward
+    from torchtitan_like.parallelisms.pipeline import pipeline_evaluate, pipeline_forward_backward
 
-    args = get_flavor("debugmodel")
-    args.vocab_size, args.n_layers = 64, 2
-    model = Transformer(args)
-    model.init_weights(seed=0)
-    pipeline = build_pipeline({0: model}, num_stages=1, schedule_name="GPipe", n_microbatches=2, grad_accum_steps=1,
-                              loss_fn=cross_entropy_loss, pp_mesh=one_rank_pp_mesh, device=torch.device("cpu"))
+    args, model, pipeline = _one_stage_pipeline("GPipe", one_rank_pp_mesh)
     tokens = torch.randint(0, args.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, args.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -89,15 +101,9 @@ def test_evaluation_batches_of_another_shape_run_on_stages_of_their_own(one_rank
     import torch
 
     from torchtitan_like.losses import cross_entropy_loss
-    from torchtitan_like.models.llama3 import Transformer, get_flavor
-    from torchtitan_like.parallelisms.pipeline import build_pipeline, pipeline_evaluate, pipeline_forward_backward
+    from torchtitan_like.parallelisms.pipeline import pipeline_evaluate, pipeline_forward_backward
 
-    args = get_flavor("debugmodel")
-    args.vocab_size, args.n_layers = 64, 2
-    model = Transformer(args)
-    model.init_weights(seed=0)
-    pipeline = build_pipeline({0: model}, num_stages=1, schedule_name="1F1B", n_microbatches=2, grad_accum_steps=1,
-                              loss_fn=cross_entropy_loss, pp_mesh=one_rank_pp_mesh, device=torch.device("cpu"))
+    args, model, pipeline = _one_stage_pipeline("1F1B", one_rank_pp_mesh)
     generator = torch.Generator().manual_seed(0)
 
     def batch(rows, length):
