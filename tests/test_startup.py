@@ -32,6 +32,10 @@ def test_a_missing_initial_load_path_is_no_mistake_for_a_run_that_resumes_from_i
     (tmp_path / "run" / "checkpoint" / "step-2").mkdir(parents=True)
     config, _ = load_config(tiny_overrides(str(tmp_path / "run")) + [
         "--checkpoint.enable", "--checkpoint.initial_load_path", str(tmp_path / "deleted_seed")])
-    check_user_inputs(config, world_size=1)
+    assert check_user_inputs(config, world_size=1).parallel_dims is not None
     config.checkpoint.exclude_from_loading = ["optimizer", "dataloader", "train_state"]
-    check_user_inputs(config, world_size=1)
+    assert check_user_inputs(config, world_size=1).parallel_dims is not None
+    # The same path for a run with no checkpoint of its own is the mistake the check is there for.
+    (tmp_path / "run" / "checkpoint" / "step-2").rmdir()
+    with pytest.raises(ConfigError, match="initial_load_path"):
+        check_user_inputs(config, world_size=1)
