@@ -128,19 +128,24 @@ def _load_stages_of_another_depth(rank, world_size, dump):
     _manager(os.path.join(dump, "four"), _stage(4, rank, world_size), optimizer=False).save(1)
     _manager(os.path.join(dump, "two"), _stage(2, rank, world_size), optimizer=False).save(1)
     # Each stage holds only its own layers: the other stages' are not "unexpected".
-    assert _manager(os.path.join(dump, "two"), _stage(2, rank, world_size), optimizer=False).load() == 1
+    own_step = _manager(os.path.join(dump, "two"), _stage(2, rank, world_size), optimizer=False).load()
     # Layers 2 and 3 belong to no stage: every rank raises (none goes on into the collective load).
     four = _manager(os.path.join(dump, "four"), _stage(2, rank, world_size), optimizer=False)
     try:
         four.load()
-    except UserError as error:
-        assert "layers.2.attention.wq.weight" in str(error) and "layers.3." in str(error)
-    else:
-        raise AssertionError("a 4-layer checkpoint loaded into a 2-layer pipeline")
+        error = None
+    except UserError as raised:
+        error = str(raised)
+    with open(os.path.join(dump, f"rank{rank}.txt"), "w") as handle:
+        handle.write(f"{own_step}\n{error}")
 
 
 def test_pipeline_stages_reject_a_deeper_checkpoint_on_every_rank_and_load_their_own(tmp_path):
     run_on_ranks(_load_stages_of_another_depth, 2, str(tmp_path), timeout=90)
+    for rank in range(2):
+        own_step, error = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert own_step == "1", rank
+        assert "layers.2.attention.wq.weight" in error and "layers.3." in error, (rank, error)
 
 
 def _load_right_after_an_async_save(rank, world_size, dump):
@@ -155,12 +160,16 @@ def _load_right_after_an_async_save(rank, world_size, dump):
         folders.commit = slow_commit
     manager = _manager(dump, async_mode="async", interval=2)
     manager.save(2)
-    assert manager.load() == 2  # rank 1 saw only step-2.tmp and started afresh (and rank 0 hung)
+    loaded = manager.load()
     manager.close()
+    with open(os.path.join(dump, f"loaded_rank{rank}.txt"), "w") as handle:
+        handle.write(str(loaded))
 
 
 def test_load_after_an_async_save_picks_the_same_checkpoint_on_every_rank(tmp_path):
     run_on_ranks(_load_right_after_an_async_save, 2, str(tmp_path), timeout=90)
+    # before: rank 1 saw only step-2.tmp and started afresh (and rank 0 hung)
+    assert [(tmp_path / f"loaded_rank{rank}.txt").read_text() for rank in range(2)] == ["2", "2"]
 
 
 def test_ranks_with_the_same_pid_probe_a_shared_folder_at_once(tmp_path, monkeypatch):
