@@ -45,11 +45,16 @@ def global_model_shapes(model_state: dict[str, torch.Tensor], group=None) -> dic
     """The (global) shape of every model tensor held by any rank: under pipeline parallel a rank
     holds only its stages, and every rank must judge the whole model alike (and raise alike)."""
     shapes = {name: tuple(value.shape) for name, value in model_state.items()}
+    return {name: shape for rank_shapes in _from_every_rank(shapes, group) for name, shape in rank_shapes.items()}
+
+
+def _from_every_rank(value: Any, group=None) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order; [value] without a multi-process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return shapes
+        return [value]
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, shapes, group=group)
-    return {name: shape for rank_shapes in gathered for name, shape in rank_shapes.items()}
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
 
 
 def fit_to_checkpoint(template: dict, metadata: Metadata, prefix: str, what: str) -> dict:
@@ -83,11 +88,7 @@ def optimizer_parameter_names(optimizer_state: dict, prefix: str) -> set[str]:
 
 def global_names(names: set[str], group=None) -> set[str]:
     """The union of every rank's `names` (under pipeline parallel a rank optimizes only its stages)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return names
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, sorted(names), group=group)
-    return {name for rank_names in gathered for name in rank_names}
+    return {name for rank_names in _from_every_rank(sorted(names), group) for name in rank_names}
 
 
 def check_optimizer_parameters(expected: set[str], metadata: Metadata, checkpoint_path: str) -> None:
