@@ -61,19 +61,16 @@ def supports_native_gqa(backends: tuple[str, ...], device: torch.device) -> bool
     return not backends or any(name in backends for name in ("cudnn", "flash"))
 
 
-# The checkpoint states the trainer adds to the built-in ones (its CheckpointManager's `extra_states`).
-TRAINER_EXTRA_STATES = ("train_state",)
-
-
 def check_checkpoint_inputs(config, world_size: int) -> None:
     """The checkpoint settings the manager and the trainer would refuse only once the process group,
     data and model exist: an unknown excluded state, a seed checkpoint on several processes, and an
     `initial_load_path` that does not exist for a run that has no checkpoint of its own yet (a run
     that has one resumes from it and never reads the path)."""
-    from torchtitan_like.checkpoint.state import check_excluded_states
+    from torchtitan_like.checkpoint.state import TRAIN_STATE_KEY, check_excluded_states
 
     checkpoint = config.checkpoint
-    check_excluded_states(checkpoint.exclude_from_loading, TRAINER_EXTRA_STATES)
+    # The trainer's CheckpointManager gets the TrainState as its one extra state.
+    check_excluded_states(checkpoint.exclude_from_loading, (TRAIN_STATE_KEY,))
     if checkpoint.create_seed_checkpoint and world_size > 1:
         raise ConfigError(f"checkpoint.create_seed_checkpoint = true runs on a single process; this run has "
                           f"{world_size}: launch it with one (e.g. NGPU=1)")

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from torchtitan_like.checkpoint import CheckpointManager, TrainState, create_seed_checkpoint
+from torchtitan_like.checkpoint import TRAIN_STATE_KEY, CheckpointManager, TrainState, create_seed_checkpoint
 from torchtitan_like.config import to_toml
 from torchtitan_like.data import build_dataloader
 from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, set_group_timeouts,
@@ -104,7 +104,7 @@ class Trainer:
         # Checks that the checkpoint folder is writable before any training step.
         self.checkpointer = CheckpointManager(config.checkpoint, config.job.dump_folder, self.model_parts,
                                               self.optimizer, self.lr_scheduler, self.dataloader,
-                                              extra_states={"train_state": self.train_state}, dp_rank=self.dp_rank)
+                                              extra_states={TRAIN_STATE_KEY: self.train_state}, dp_rank=self.dp_rank)
         self.metrics = MetricsLogger(config.metrics, config.job.dump_folder, self.device,
                                      self.model_args.flops_per_token(config.training.seq_len),
                                      config.training.steps, rank)

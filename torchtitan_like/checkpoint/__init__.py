@@ -5,6 +5,6 @@ importing and exporting Hugging Face Llama weights.
 """
 
 from torchtitan_like.checkpoint.manager import CheckpointManager, create_seed_checkpoint
-from torchtitan_like.checkpoint.state import TrainState
+from torchtitan_like.checkpoint.state import TRAIN_STATE_KEY, TrainState
 
-__all__ = ["CheckpointManager", "TrainState", "create_seed_checkpoint"]
+__all__ = ["CheckpointManager", "TRAIN_STATE_KEY", "TrainState", "create_seed_checkpoint"]

@@ -251,8 +251,13 @@ class DataloaderState:
 
 
 # --------------------------------------------------------------------------------- train state
+# The key under which the trainer passes its TrainState in `extra_states` (and which
+# `checkpoint.exclude_from_loading` may name).
+TRAIN_STATE_KEY = "train_state"
+
+
 class TrainState:
-    """Step counter, tokens seen and per-step losses: pass it in `extra_states["train_state"]`."""
+    """Step counter, tokens seen and per-step losses: pass it in `extra_states[TRAIN_STATE_KEY]`."""
 
     def __init__(self, step: int = 0, tokens_seen: int = 0, losses: list[float] | None = None):
         self.step, self.tokens_seen = step, tokens_seen
