@@ -25,7 +25,7 @@ exits 1 after its own failure report.
 
 ## Differences from TorchTitan's TOML
 - `[quantize.linear.float8]` (TorchTitan 0.2) is read as `[float8]`; `model.converters = ["float8"]`
-  and `float8.enable = true` both turn Float8 on. `float8.backend` and `float8.emulate` are ours.
+  and `float8.enable = true` both turn Float8 on. `float8.backend` and `float8.save_fp8_weight` are ours.
 - `[experimental]`, `[fault_tolerance]`, `[memory_estimation]` and `[mx]` are accepted and ignored with a warning.
 - `training.dataset` names a kind of source (`builtin`, `local`, `tokenized`, `huggingface`) rather than a
   registered dataset such as `c4`; point `training.dataset_path` at the files (a TorchTitan
