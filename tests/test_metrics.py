@@ -1,5 +1,6 @@
-"""Metrics: peak-FLOPs lookup, MFU arithmetic, the log line and CPU's n/a."""
+"""Metrics: peak-FLOPs lookup, MFU arithmetic, the log line and CPU's n/a, TensorBoard on a full disk."""
 
+import errno
 import os
 import time
 
@@ -112,3 +113,33 @@ def test_tokens_per_device_split_a_batch_over_its_tensor_and_pipeline_ranks(tp, 
                               grad_accum_steps=2, parallel_dims=ParallelDims(dp_replicate=1, dp_shard=dp_shard,
                                                                              tp=tp, pp=pp, world_size=tp * pp * dp_shard))
     assert Trainer.tokens_per_device_step.fget(trainer) == expected
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
+def test_a_tensorboard_write_that_fails_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    """The event file's disk fills up mid-run: one warning naming it, TensorBoard off, every later
+    log line still computed. Before: the OSError of TensorBoard's writer thread stopped training."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from torchtitan_like import metrics as metrics_module
+
+    logged = []
+    monkeypatch.setattr(metrics_module.logger, "warning", logged.append)
+    metrics = MetricsLogger(Metrics(enable_tensorboard=True), str(tmp_path), torch.device("cpu"), 1000, 10, 0)
+    metrics.record_step(tokens=10, data_seconds=0.0)
+    metrics.log(1, 2.0, 1.0, 1e-3)
+
+    def no_space(self, filename, file_content, mode):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "_write", no_space)
+    for step in (2, 3, 4):
+        metrics.record_step(tokens=10, data_seconds=0.0)
+        assert metrics.log(step, 2.0, 1.0, 1e-3).loss == 2.0
+    metrics.log_validation(4, 1.5)
+    metrics.close()
+    assert metrics.writer is None
+    [warning] = logged
+    assert warning.startswith(f"TensorBoard: cannot write {tmp_path / 'tb'}")
+    assert "No space left on device (ENOSPC); " in warning and " free of " in warning
+    assert "TensorBoard logging is off for the rest of this run, training goes on" in warning

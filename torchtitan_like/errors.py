@@ -25,6 +25,14 @@ class DataError(UserError):
     """A corpus, shard or tokenizer file is missing, empty or malformed."""
 
 
+class StorageError(UserError):
+    """The file system refused a write: full (ENOSPC), over quota (EDQUOT), read-only (EROFS), an I/O
+    error (EIO), a permission. Not a mistake in the input, but not a bug either: the operator frees
+    space or changes the folder and relaunches, so it gets the same one-line report and exit code 2
+    as a user mistake rather than a traceback of library internals. Messages name the path, the OS
+    error and, for a full disk, the free space left (torchtitan_like/filesystem.py)."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
     candidates = list(candidates)

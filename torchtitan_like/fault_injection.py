@@ -4,7 +4,9 @@
 either mid-training (`train`: after the step's optimizer update, before its logging, validation
 and checkpoint save) or mid-save
 (`save`: after this rank wrote its checkpoint files, before the commit); PHASE `preempt` sends it
-SIGTERM at the `train` point instead, as a scheduler preempting the job would. It fires only in the
+SIGTERM at the `train` point instead, as a scheduler preempting the job would, and PHASE `enospc`
+makes rank RANK's storage write of the full checkpoint of step STEP (synchronous or async) raise
+`OSError(ENOSPC)` after writing its files, as a disk filling up mid-save does. It fires only in the
 first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT = 0), so the restarted group runs clean.
 A comma-separated list gives one fault per attempt: the i-th fires in attempt i (restart count i),
 so one torchrun job with `--max-restarts N` can lose a rank N times in different places.
@@ -12,6 +14,7 @@ so one torchrun job with `--max-restarts N` can lose a rank N times in different
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -34,3 +37,10 @@ def maybe_inject_fault(rank: int, step: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif spec[2] == "preempt" and phase == "train":
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def maybe_inject_write_error(rank: int, step: int, path: str) -> None:
+    """Raise ENOSPC for the `enospc` fault of this rank and step (checkpoint/writing.py calls it
+    inside the storage write, so DCP reports it as it would a real full disk)."""
+    if _spec() == (rank, step, "enospc"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torchtitan_like.filesystem import describe, error_path
 from torchtitan_like.logging import logger
 
 # Dense bf16 tensor-core peak per device (FLOP/s), from NVIDIA datasheets.
@@ -83,13 +84,16 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.peak_flops = device_peak_flops(device, metrics_config.peak_flops)
         self.writer = None
+        self.tensorboard_folder = os.path.join(dump_folder, metrics_config.save_tb_folder)
+        if metrics_config.save_for_all_ranks:
+            self.tensorboard_folder = os.path.join(self.tensorboard_folder, f"rank_{rank}")
         if metrics_config.enable_tensorboard and (rank == 0 or metrics_config.save_for_all_ranks):
             from torch.utils.tensorboard import SummaryWriter
 
-            folder = os.path.join(dump_folder, metrics_config.save_tb_folder)
-            if metrics_config.save_for_all_ranks:
-                folder = os.path.join(folder, f"rank_{rank}")
-            self.writer = SummaryWriter(folder)
+            try:
+                self.writer = SummaryWriter(self.tensorboard_folder)
+            except OSError as error:
+                self._tensorboard_failed(error)
         self.rank = rank
         self._reset_window(time.perf_counter())
         self.start_time = time.perf_counter()
@@ -154,18 +158,36 @@ class MetricsLogger:
         self._add_scalars(scalars, m.step)
 
     def _add_scalars(self, scalars: dict, step: int) -> None:
-        if not self._tensorboard_started:
-            # A run resumed from a checkpoint logs again the steps after it that the interrupted run had
-            # logged; a session start at the first step this process runs makes TensorBoard drop those
-            # older values instead of showing the curve going back (what SummaryWriter's purge_step writes).
-            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        try:
+            if not self._tensorboard_started:
+                # A run resumed from a checkpoint logs again the steps after it that the interrupted run
+                # had logged; a session start at the first step this process runs makes TensorBoard drop
+                # those older values instead of showing the curve going back (what SummaryWriter's
+                # purge_step writes).
+                from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-            first_step = step - self.steps_run + 1 if self.steps_run else step
-            self.writer.file_writer.add_event(Event(step=first_step, session_log=SessionLog(status=SessionLog.START)))
-            self._tensorboard_started = True
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
+                first_step = step - self.steps_run + 1 if self.steps_run else step
+                self.writer.file_writer.add_event(Event(step=first_step,
+                                                        session_log=SessionLog(status=SessionLog.START)))
+                self._tensorboard_started = True
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        except OSError as error:
+            self._tensorboard_failed(error)
+
+    def _tensorboard_failed(self, error: OSError) -> None:
+        """A TensorBoard write failed (a full disk, a read-only folder): warn once and train on without
+        TensorBoard. The scalars are a record of the run, its state is the checkpoint: stopping here
+        would lose every step since the last checkpoint, and the console log keeps every value. (If
+        the disk is full, the next checkpoint save stops the run with an error that says so.)"""
+        path = error_path(error, self.tensorboard_folder)
+        logger.warning(f"TensorBoard: cannot write {path}: {describe(error, self.tensorboard_folder)}; TensorBoard "
+                       f"logging is off for the rest of this run, training goes on (the log lines keep every metric)")
+        if self.writer is not None:
+            with contextlib.suppress(Exception):  # its writer thread died with the same error
+                self.writer.close()
+        self.writer = None
 
     @contextlib.contextmanager
     def untimed(self):
@@ -188,7 +210,10 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()  # flushes what is still queued
+            except OSError as error:
+                self._tensorboard_failed(error)
 
 
 def format_eta(seconds: float) -> str:

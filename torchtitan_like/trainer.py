@@ -26,6 +26,7 @@ from torchtitan_like.distributed.setup import (destroy_process_group, init_proce
                                                set_train_timeout, startup_timeout, world_info)
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.fault_injection import maybe_inject_fault
+from torchtitan_like.filesystem import describe, write_text_atomically
 from torchtitan_like.kernels.float8.fsdp import precompute_float8_scales
 from torchtitan_like.logging import logger
 from torchtitan_like.master_weights import accumulate_gradients_in_fp32, convert_to_split
@@ -220,10 +221,17 @@ class Trainer:
         return local_tokens / self.parallel_dims.non_data_parallel_size
 
     def _write_config(self) -> None:
-        """Rank 0 writes the resolved config beside the run's outputs (the folder exists: __init__)."""
-        if self.rank == 0:
-            with open(os.path.join(self.config.job.dump_folder, "config.toml"), "w") as handle:
-                handle.write(to_toml(self.config))
+        """Rank 0 writes the resolved config beside the run's outputs (the folder exists: __init__),
+        whole or not at all. A failed write (a full disk) is a warning: the file records the run, and
+        rank 0 stopping alone here would leave the other ranks to fail in the first collective."""
+        if self.rank != 0:
+            return
+        path = os.path.join(self.config.job.dump_folder, "config.toml")
+        try:
+            write_text_atomically(path, to_toml(self.config))
+        except OSError as error:
+            logger.warning(f"could not write {path}: {describe(error, path)}; training goes on (an earlier "
+                           f"config.toml there is left as it was)")
 
     def train_step(self, data_iterator) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """One optimizer step; returns (loss, grad norm, seconds waiting on data, the LR this step used)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -11,6 +12,7 @@ import torch
 from tests.checkpoint.common import build_model, build_training, checkpoint_config
 from torchtitan_like.checkpoint import CheckpointManager
 from torchtitan_like.checkpoint import folders
+from torchtitan_like.errors import StorageError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -94,3 +96,26 @@ def test_saving_a_step_again_replaces_it_atomically(tmp_path):
     _save_steps(tmp_path, [2, 2])
     assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-2"]
     assert _loaded_norm(tmp_path) == 2.0
+
+
+def test_a_replacement_whose_final_rename_fails_puts_the_old_copy_back(tmp_path, monkeypatch):
+    model = build_model()
+    manager = _manager(tmp_path, model)
+    with torch.no_grad():
+        model.norm.weight.fill_(4.0)
+    manager.save(4)
+    with torch.no_grad():
+        model.norm.weight.fill_(5.0)  # the replacement differs
+    real_rename = os.rename
+
+    def rename(source, destination):
+        if str(source).endswith("step-4.tmp"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_rename(source, destination)
+
+    monkeypatch.setattr(folders.os, "rename", rename)
+    with pytest.raises(StorageError, match=r"committing step-4 failed: .*Input/output error \(EIO\)"):
+        manager.save(4, force=True)  # e.g. the preemption save of a step the interval save wrote
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-4"]  # no step-4.replaced.tmp, no step-4.tmp
+    assert _loaded_norm(tmp_path) == 4.0  # the old copy, complete

@@ -218,6 +218,35 @@ def test_reexport_into_the_same_folder_replaces_the_previous_weight_layout(tmp_p
     _assert_imported(tmp_path, tmp_path / "hf", second.state_dict())
 
 
+def test_an_export_onto_a_full_disk_is_a_storage_error_and_removes_the_weights_it_wrote(tmp_path, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError ('... (os error 28)'), not an OSError."""
+    import safetensors
+    import safetensors.torch
+
+    from torchtitan_like.checkpoint.hf_convert import write_dcp_model
+    from torchtitan_like.errors import StorageError
+
+    write_dcp_model(build_model(tiny_args(), seed=1).state_dict(), str(tmp_path / "checkpoint"))
+    real_save_file, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 1:  # the first shard fits
+            return real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as partial:
+            partial.write(b"\0" * 1000)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(StorageError) as raised:  # before: the SafetensorError's traceback, exit code 1
+        export_hf(str(tmp_path / "checkpoint"), str(tmp_path / "hf"), tiny_args(), max_shard_bytes=20_000)
+    message = str(raised.value)
+    assert message.startswith(f"exporting {tmp_path / 'checkpoint' / 'step-0'} failed: {calls[1]}: "
+                              f"No space left on device (ENOSPC); ")
+    assert " free of " in message and f"The weight files written to {tmp_path / 'hf'} were removed" in message
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json"]  # the first shard and the partial second: gone
+
+
 def test_import_reads_model_safetensors_before_an_index_beside_it_as_transformers_does(tmp_path):
     args = tiny_args()
     _write_hf_folder(tmp_path / "hf", args, seed=1, shards=2)  # index and shards of another model

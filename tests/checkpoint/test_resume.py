@@ -1,5 +1,6 @@
-"""The trainer never loses a run: exact resume after a kill, preemption by SIGTERM, and ranks killed
-mid-training and mid-save under `torchrun --max-restarts` (FSDP 2 x TP 2 on CPU gloo)."""
+"""The trainer never loses a run: exact resume after a kill, after a save that ran out of disk space,
+preemption by SIGTERM, and ranks killed mid-training and mid-save under `torchrun --max-restarts`
+(FSDP 2 x TP 2 on CPU gloo)."""
 
 import os
 import signal
@@ -88,6 +89,30 @@ def test_resume_after_a_kill_is_bitwise_identical_to_a_straight_run(tmp_path, st
     resumed_rng = saved_rng(dump, 8)
     for generator in ("rank_0.torch_cpu", "rank_0.python"):
         assert torch.equal(resumed_rng[generator], expected_rng[generator]), generator
+
+
+def test_a_save_that_runs_out_of_disk_space_exits_2_and_the_relaunch_resumes_identically(tmp_path, straight_run):
+    # TORCHTITAN_LIKE_FAULT=0:8:enospc: the write of step 8's checkpoint fails as on a full disk.
+    # Before: a CheckpointException traceback ("RuntimeError: ... unexpected pos"), exit code 1, and
+    # the partial step-8.tmp kept the space until the next start.
+    dump = str(tmp_path)
+    full = run_cli(run_args(dump, steps=8, interval=4), timeout=300, env={"TORCHTITAN_LIKE_FAULT": "0:8:enospc"})
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    [error] = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+    tmp = os.path.join(dump, "checkpoint", "step-8.tmp")
+    assert error.startswith(f"error: saving checkpoint step 8 failed: {tmp}: No space left on device (ENOSPC); ")
+    assert "The partial step-8.tmp was removed" in error and "a relaunch resumes from step 4" in error
+    assert assert_all_committed_checkpoints_load(dump) == [4]
+    assert sorted(os.listdir(os.path.join(dump, "checkpoint"))) == ["step-4"]
+    resumed = run_cli(run_args(dump, steps=8, interval=4), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout
+    losses, model = final_losses_and_model(dump, 8)
+    expected_losses, expected_model, _ = straight_run()
+    assert losses == expected_losses
+    for name, value in expected_model.items():
+        assert torch.equal(model[name], value), name
 
 
 def test_a_finished_run_relaunched_trains_nothing_and_an_extended_one_resumes_from_its_last_step(tmp_path):

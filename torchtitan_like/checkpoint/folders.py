@@ -18,6 +18,7 @@ and the sizes, which catches folders copied half-way or damaged later.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 
 from torchtitan_like.errors import ConfigError, DataError
+from torchtitan_like.filesystem import storage_error
 
 COMPLETE_MARKER = ".complete"
 TMP_SUFFIX = ".tmp"
@@ -73,6 +75,10 @@ def ensure_writable(root: str) -> None:
             probe_file.write("ok")
         os.remove(probe)
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # writable, but full: say how full
+            raise storage_error(f"writing to checkpoint folder {root!r}", root, error,
+                                "Free space, or set job.dump_folder / checkpoint.folder to another file system"
+                                ) from error
         raise ConfigError(f"checkpoint folder {root!r} is not writable ({error.strerror or error}); set "
                           f"job.dump_folder / checkpoint.folder to a writable location") from error
 
@@ -91,7 +97,8 @@ def _fsync_folder(path: str) -> None:
 
 
 def commit(tmp_path: str, final_path: str, step: int, world_size: int, model_only: bool) -> None:
-    """Rank 0, after all ranks finished writing: write the marker, then rename tmp -> final."""
+    """Rank 0, after all ranks finished writing: write the marker, then rename tmp -> final. An OSError
+    (a full disk while writing the marker) leaves `final_path` as it was; the caller removes tmp."""
     files = {}
     for name in sorted(os.listdir(tmp_path)):
         full = os.path.join(tmp_path, name)
@@ -110,7 +117,11 @@ def commit(tmp_path: str, final_path: str, step: int, world_size: int, model_onl
         replaced = final_path + ".replaced" + TMP_SUFFIX
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final_path, replaced)
-        os.rename(tmp_path, final_path)
+        try:
+            os.rename(tmp_path, final_path)
+        except OSError:
+            os.rename(replaced, final_path)  # the old copy back: the step stays loadable
+            raise
         shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.rename(tmp_path, final_path)

@@ -18,19 +18,21 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchtitan_like.checkpoint import folders
 from torchtitan_like.checkpoint.fit import check_model_shapes
 from torchtitan_like.checkpoint.manager import EXPORT_DTYPES
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
-from torchtitan_like.errors import USER_ERROR_EXIT_CODE, ConfigError, DataError, UserError
+from torchtitan_like.checkpoint.writing import save_model_only
+from torchtitan_like.errors import USER_ERROR_EXIT_CODE, ConfigError, DataError, StorageError, UserError
+from torchtitan_like.filesystem import find_os_error, storage_error, write_text_atomically
 from torchtitan_like.models import get_model_spec
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -72,12 +74,9 @@ def check_tied_embeddings(state: dict[str, torch.Tensor], args, checkpoint_path:
 
 
 def write_dcp_model(state: dict[str, torch.Tensor], output_root: str, step: int = 0) -> str:
-    """A model-only complete checkpoint `output_root/step-<step>` written from this process."""
-    folders.ensure_writable(output_root)
-    tmp_path, final_path = folders.tmp_folder(output_root, step), folders.step_folder(output_root, step)
-    dcp.save({"model": state}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
-    folders.commit(tmp_path, final_path, step=step, world_size=1, model_only=True)
-    return final_path
+    """A model-only complete checkpoint `output_root/step-<step>` written from this process (a failed
+    write leaves no `.tmp` behind and raises a StorageError)."""
+    return save_model_only(state, output_root, step, "writing the imported checkpoint")
 
 
 def _safetensors():
@@ -170,8 +169,13 @@ def import_hf(hf_folder: str, output_root: str, model_name: str = "llama3") -> s
     path = write_dcp_model(state, output_root)
     # Kept beside the weights: the trainer checks that the flavor it builds has this architecture
     # (the weights alone cannot tell a different RoPE base or scaling).
-    with open(os.path.join(output_root, IMPORTED_CONFIG), "w") as config_file:
-        json.dump({"model": model_name, "config": hf_config}, config_file, indent=2)
+    config_path = os.path.join(output_root, IMPORTED_CONFIG)
+    try:
+        write_text_atomically(config_path, json.dumps({"model": model_name, "config": hf_config}, indent=2))
+    except OSError as error:
+        shutil.rmtree(path, ignore_errors=True)  # weights without their architecture would load unchecked
+        raise storage_error("writing the imported checkpoint", config_path, error,
+                            f"The imported weights {path} were removed") from error
     return path
 
 
@@ -219,6 +223,8 @@ def _ensure_output_writable(folder: str) -> None:
     """folders.ensure_writable, with a message naming this command's option, not the trainer's keys."""
     try:
         folders.ensure_writable(folder)
+    except StorageError as error:  # writable, but full
+        raise storage_error(f"writing to --output {folder!r}", folder, find_os_error(error)) from None
     except ConfigError as error:
         raise ConfigError(f"--output {folder!r} is not a writable folder ({error.__cause__.strerror or error.__cause__})"
                           ) from None
@@ -253,7 +259,7 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
     transformers assumes its defaults (1 and 2), and `generate()` would never stop at our EOS.
     `given_ids` ({"--bos-id": id, ...}): ids the user typed, which must lie in the checkpoint's vocabulary.
     """
-    save_file = _safetensors().torch.save_file
+    _safetensors()  # before any work: a missing optional dependency is a ConfigError
     folder, state = read_dcp_model(checkpoint_path)
     if "tok_embeddings.weight" not in state:
         raise DataError(f"checkpoint {folder.path} has no tok_embeddings.weight: not a Llama checkpoint")
@@ -273,10 +279,32 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
     token_ids = {key: value for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id))
                  if value is not None}
     hf_config.update(token_ids)
-    with open(os.path.join(output_folder, "config.json"), "w") as config_file:
+    writing = [output_folder]  # the file being written, for the error message
+    try:
+        return _write_hf_folder(output_folder, hf_config, token_ids, hf_state, max_shard_bytes, writing)
+    except Exception as error:  # safetensors reports a full disk as a SafetensorError, not an OSError
+        os_error = find_os_error(error)
+        if os_error is None:
+            raise
+        _remove_previous_weights(output_folder)  # the weights written so far: give the space back
+        raise storage_error(f"exporting {folder.path}", writing[-1], os_error,
+                            f"The weight files written to {output_folder} were removed") from error
+
+
+def _write_hf_folder(output_folder: str, hf_config: dict, token_ids: dict, hf_state: dict[str, torch.Tensor],
+                     max_shard_bytes: int, writing: list[str]) -> list[str]:
+    """config.json, generation_config.json and the safetensors (shards and an index above
+    `max_shard_bytes`); appends each path to `writing` before writing it."""
+    save_file = _safetensors().torch.save_file
+
+    def path(name: str) -> str:
+        writing.append(os.path.join(output_folder, name))
+        return writing[-1]
+
+    with open(path("config.json"), "w") as config_file:
         json.dump(hf_config, config_file, indent=2)
     if token_ids:
-        with open(os.path.join(output_folder, "generation_config.json"), "w") as generation_file:
+        with open(path("generation_config.json"), "w") as generation_file:
             json.dump(token_ids, generation_file, indent=2)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
@@ -288,15 +316,15 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
         shards[-1][name] = value
         shard_bytes += size
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(output_folder, "model.safetensors"), metadata={"format": "pt"})
+        save_file(shards[0], path("model.safetensors"), metadata={"format": "pt"})
         return ["model.safetensors"]
     names = [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(output_folder, name), metadata={"format": "pt"})
+        save_file(shard, path(name), metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
     total = sum(value.numel() * value.element_size() for value in hf_state.values())
-    with open(os.path.join(output_folder, SAFETENSORS_INDEX), "w") as index_file:
+    with open(path(SAFETENSORS_INDEX), "w") as index_file:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, index_file, indent=2)
     return names
 

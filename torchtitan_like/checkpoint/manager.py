@@ -21,6 +21,7 @@ export in `checkpoint.export_dtype` under `export/step-N`, which resuming never 
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.stateful import Stateful
@@ -41,7 +42,9 @@ from torchtitan_like.checkpoint.fit import (check_model_shapes, check_optimizer_
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.checkpoint.state import (DataloaderState, ModelState, OptimizerState, RNGState,
                                               check_excluded_states)
-from torchtitan_like.errors import ConfigError
+from torchtitan_like.checkpoint.writing import (CheckpointWriter, raise_save_failure, resume_hint, save_failure,
+                                                save_model_only)
+from torchtitan_like.errors import ConfigError, StorageError
 from torchtitan_like.fault_injection import maybe_inject_fault
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,6 +61,15 @@ def _world_size() -> int:
 def _barrier(group=None) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier(group=group)
+
+
+def _from_rank0(value: Any, group=None) -> Any:
+    """Rank 0's `value` on every rank of `group` (a broadcast; `value` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 class PinnedStager(BlockingAsyncStager):
@@ -171,8 +183,8 @@ class CheckpointManager:
         state = self._full_state()
         if self.config.async_mode != "disabled" and not last and not force:
             tmp_path, final_path = folders.tmp_folder(self.root, step), folders.step_folder(self.root, step)
-            response = dcp.async_save(state, storage_writer=FileSystemWriter(tmp_path), process_group=self._async_group,
-                                      async_stager=self._stager())
+            response = dcp.async_save(state, storage_writer=CheckpointWriter(tmp_path, self.rank, step),
+                                      process_group=self._async_group, async_stager=self._stager())
             future = getattr(response, "upload_completion", response)
             self._pending = (future, step, tmp_path, final_path)
             return True
@@ -183,15 +195,39 @@ class CheckpointManager:
         return True
 
     def _save_now(self, state: dict[str, Any], root: str, step: int, model_only: bool = False) -> None:
+        """Write and commit on every rank. A failed write raises a StorageError on every rank
+        (checkpoint/writing.py); so does a failed commit, whose outcome rank 0 sends to all."""
         tmp_path, final_path = folders.tmp_folder(root, step), folders.step_folder(root, step)
-        dcp.save(state, storage_writer=FileSystemWriter(tmp_path), process_group=self.process_group)
+        action = f"saving the model-only export of step {step}" if model_only else f"saving checkpoint step {step}"
+        outcome = functools.partial(self._after_failed_save, step, model_only)  # read only on a failure
+        writer = CheckpointWriter(tmp_path, self.rank, None if model_only else step)
+        try:
+            dcp.save(state, storage_writer=writer, process_group=self.process_group)
+        except CheckpointException as error:  # raised on every rank alike
+            raise_save_failure(error, tmp_path, action, outcome)
         maybe_inject_fault(self.rank, step, "save")
         _barrier(self.process_group)
+        failure = None
         if self.rank == 0:
-            folders.commit(tmp_path, final_path, step, self.world_size, model_only)
-            if not model_only:
-                folders.apply_retention(self.root, self.config.keep_latest_k, keep_step=step)
-        _barrier(self.process_group)
+            try:
+                folders.commit(tmp_path, final_path, step, self.world_size, model_only)
+            except OSError as error:
+                failure = str(save_failure(error, tmp_path, f"committing {os.path.basename(final_path)}", outcome))
+            else:
+                if not model_only:
+                    folders.apply_retention(self.root, self.config.keep_latest_k, keep_step=step)
+        # Instead of a barrier: a rank waiting there for a commit that failed would wait for the
+        # collective timeout, while rank 0 has stopped.
+        failure = _from_rank0(failure, self.process_group)
+        if failure is not None:
+            raise StorageError(failure)
+
+    def _after_failed_save(self, step: int, model_only: bool) -> str:
+        """What is left to the run when the save of `step` failed."""
+        if model_only:  # the export is written after the full checkpoint of the same step
+            return (f"The full checkpoint {folders.step_folder(self.root, step)} was committed: the run is complete "
+                    f"and resumable; only the model-only export is missing")
+        return resume_hint(self.root)
 
     def _stager(self) -> BlockingAsyncStager | None:
         """The pinned-memory stager, built once and kept: its staging buffers are reused by every
@@ -225,9 +261,18 @@ class CheckpointManager:
         if not block and not future.done():
             return
         self._pending = None
-        future.result()
+        outcome = functools.partial(resume_hint, self.root)
+        try:
+            future.result()  # a failed write raises here on every rank (checkpoint/writing.py)
+        except CheckpointException as error:
+            raise_save_failure(error, tmp_path, f"saving checkpoint step {step} asynchronously", outcome)
         if self.rank == 0:
-            folders.commit(tmp_path, final_path, step, self.world_size, model_only=False)
+            try:
+                folders.commit(tmp_path, final_path, step, self.world_size, model_only=False)
+            except OSError as error:
+                # Rank 0 alone (no collective here, see above): the others stop at their next
+                # collective, which fails once rank 0 has exited.
+                raise_save_failure(error, tmp_path, f"committing {os.path.basename(final_path)}", outcome)
             folders.apply_retention(self.root, self.config.keep_latest_k, keep_step=step)
 
     def close(self) -> None:
@@ -344,9 +389,5 @@ def create_seed_checkpoint(checkpoint_config, dump_folder: str, model_parts: nn.
         raise ConfigError("checkpoint.create_seed_checkpoint runs on a single process; launch it with "
                           "one rank (e.g. NGPU=1) and all parallelism degrees 1")
     root = os.path.join(dump_folder, checkpoint_config.folder)
-    folders.ensure_writable(root)
     parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
-    tmp_path, final_path = folders.tmp_folder(root, 0), folders.step_folder(root, 0)
-    dcp.save({"model": ModelState(parts).state_dict()}, storage_writer=FileSystemWriter(tmp_path), no_dist=True)
-    folders.commit(tmp_path, final_path, step=0, world_size=1, model_only=True)
-    return final_path
+    return save_model_only(ModelState(parts).state_dict(), root, 0, "saving the seed checkpoint")

@@ -8,7 +8,9 @@ same for `[validation]`). `--input builtin` tokenizes the shipped corpus with it
 split. Documents keep their corpus order; with `--validation-fraction F` an evenly spread fraction F
 of them (document i when floor((i+1)F) > floor(iF)) goes to the validation split instead of train.
 Shards and metadata are written to `<output>.partial` and moved into `<output>` only once complete,
-so a mistake in --input, bad data or an interruption never touches a dataset already there.
+so a mistake in --input, bad data, an interruption or a full disk never touches a dataset already
+there; a failed write (full disk, I/O error) removes `<output>.partial` and exits with code 2 and one
+`error:` line naming the file, the OS error and the free space left.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torchtitan_like.data.shards import METADATA_FILE, ShardMetadata, ShardWrite
 from torchtitan_like.data.sources import iter_documents
 from torchtitan_like.data.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer
 from torchtitan_like.errors import USER_ERROR_EXIT_CODE, DataError, UserError
+from torchtitan_like.filesystem import storage_error
 
 BUILTIN_INPUT = "builtin"
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -109,10 +112,18 @@ def prepare(args: argparse.Namespace) -> ShardMetadata:
         raise DataError(f"--output {args.output} is a file; expected a folder for the shards")
     staging = output.with_name(output.name + STAGING_SUFFIX)
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run that did not finish
-    staging.mkdir(parents=True)
+    replacing = False
     try:
+        staging.mkdir(parents=True)
         metadata = _tokenize_into(staging, args, tokenizer)
+        replacing = True
         _replace_dataset(output, staging)
+    except OSError as error:  # a full disk, an I/O error: a StorageError naming the file
+        shutil.rmtree(staging, ignore_errors=True)  # first, so that the free space reported counts it
+        left = (f"{output} may be left without its {METADATA_FILE}, which training refuses: run prepare-data "
+                f"again" if replacing else f"{output} was not changed")
+        raise storage_error("prepare-data", error.filename or staging, error,
+                            f"The partial output {staging.name} was removed; {left}") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return metadata

@@ -19,6 +19,7 @@ import numpy as np
 from torchtitan_like.data.packing import TokenStream
 from torchtitan_like.data.tokenizers import Tokenizer
 from torchtitan_like.errors import DataError
+from torchtitan_like.filesystem import write_bytes
 
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
@@ -54,7 +55,7 @@ class ShardMetadata:
     format_version: int = FORMAT_VERSION
 
     def save(self, folder: Path) -> None:
-        (folder / METADATA_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        write_bytes(folder / METADATA_FILE, (json.dumps(asdict(self), indent=2) + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, folder: Path) -> "ShardMetadata":
@@ -108,7 +109,7 @@ class ShardWriter:
     def _write_shard(self, tokens: np.ndarray) -> None:
         name = f"{self.split}_{len(self.info.shards):05d}.bin"
         data = tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        (self.folder / name).write_bytes(data)
+        write_bytes(self.folder / name, data)
         self.info.shards.append(ShardInfo(name, len(tokens), len(data), hashlib.sha256(data).hexdigest()))
         self.info.num_tokens += len(tokens)
 
