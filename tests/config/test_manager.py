@@ -37,12 +37,16 @@ def test_bare_flag_means_true_and_lists_parse():
     assert parse_cli_overrides(["--lr_scheduler.decay_ratio", "-1"]) == [("lr_scheduler", "decay_ratio", "-1")]
 
 
-def test_torchtitan_float8_section_and_ignored_sections_load(tmp_path):
+def test_torchtitan_float8_section_and_ignored_sections_load(tmp_path, capsys):
     path = write(tmp_path, '[quantize.linear.float8]\nfilter_fqns = ["output", "wq"]\n'
+                           '[quantize.linear.mx]\nrecipe_name = "mxfp8"\n'
                            '[experimental]\ncustom_import = ""\n[training]\nsteps = 3\n')
     config, _ = load_config(["--config", path])
     assert config.float8.filter_fqns == ["output", "wq"]
     assert config.training.steps == 3
+    printed = capsys.readouterr().err
+    assert "section [quantize.linear.mx] is TorchTitan-only and ignored" in printed  # not dropped silently
+    assert "section [experimental] is TorchTitan-only and ignored" in printed
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
@@ -75,6 +79,8 @@ def test_every_field_is_documented():
     ("[float8]\nfilter_fqns = [1]\n", "float8.filter_fqns = [1]: expected a list of strings"),
     ("float8 = 1\n[quantize.linear.float8]\nenable = true\n", "[float8] must be a table of keys"),
     ('[quantize.linear]\nfloat8 = "x"\n', "[quantize.linear.float8] must be a table of keys"),
+    ("[quantize.linear.fp4]\nenable = true\n", "unknown section [quantize.linear.fp4]; allowed: [quantize.linear.float8]"),
+    ("quantize = 1\n", "[quantize] must be a table of keys"),
     ("steps = 3\n[training]\nseq_len = 64\n", "key steps = 3 is outside any section; put it under [training]"),
 ])
 def test_config_mistakes_raise_config_error_naming_file_and_key(tmp_path, text, message):

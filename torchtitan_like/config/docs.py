@@ -9,6 +9,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from torchtitan_like.config.job_config import SECTIONS
+from torchtitan_like.config.manager import format_bound
 
 HEADER = """# Configuration reference
 
@@ -16,17 +17,18 @@ A run is described by a TOML file (`--config FILE`) plus command-line overrides
 (`--section.key value` or `--section.key=value`; a bare `--section.flag` means true). Precedence:
 command line > TOML > defaults. `--print-config` prints the resolved config and exits; every run saves
 it as `config.toml` in `job.dump_folder`. Mistakes (unknown section or key, wrong type, value out of
-range, inconsistent values) stop the run before any distributed setup with exit code 2 and one
-message naming the file, the key and what is allowed. `run_train.sh` and `multinode_trainer.slurm`
-run these checks once, in one process, before torchrun (`--check-config`, see docs/operations.md),
-so they too print the message once and exit 2. Under torchrun without them (`SKIP_CONFIG_CHECK=1`,
-or a mistake only the ranks' own devices reveal) every rank prints it and exits 2, and torchrun then
-exits 1 after its own failure report.
+range, inconsistent values; any integer beyond 64 bits) stop the run before any distributed setup
+with exit code 2 and one message naming the file, the key and what is allowed. `run_train.sh` and
+`multinode_trainer.slurm` run these checks once, in one process, before torchrun (`--check-config`,
+see docs/operations.md), so they too print the message once and exit 2. Under torchrun without them
+(`SKIP_CONFIG_CHECK=1`, or a mistake only the ranks' own devices reveal) every rank prints it and
+exits 2, and torchrun then exits 1 after its own failure report.
 
 ## Differences from TorchTitan's TOML
 - `[quantize.linear.float8]` (TorchTitan 0.2) is read as `[float8]`; `model.converters = ["float8"]`
   and `float8.enable = true` both turn Float8 on. `float8.backend` and `float8.save_fp8_weight` are ours.
-- `[experimental]`, `[fault_tolerance]`, `[memory_estimation]` and `[mx]` are accepted and ignored with a warning.
+- `[experimental]`, `[fault_tolerance]`, `[memory_estimation]`, `[mx]` and TorchTitan's other `[quantize.*]` tables
+  (`linear.mx`, `grouped_mm.float8`, `grouped_mm.mx`) are accepted and ignored with a warning.
 - `training.dataset` names a kind of source (`builtin`, `local`, `tokenized`, `huggingface`) rather than a
   registered dataset such as `c4`; point `training.dataset_path` at the files (a TorchTitan
   `c4_test` folder loads as `dataset = "local"`, `dataset_path = ".../c4_test"`).
@@ -60,9 +62,9 @@ def _constraints(f) -> str:
     parts = []
     if meta.get("choices"):
         parts.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
-    for key, text in (("ge", ">="), ("gt", ">"), ("le", "<=")):
+    for key, text in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if meta.get(key) is not None:
-            parts.append(f"{text} {meta[key]:g}")
+            parts.append(f"{text} {format_bound(meta[key])}")
     return "; ".join(parts)
 
 

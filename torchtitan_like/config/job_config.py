@@ -2,9 +2,9 @@
 
 Section and key names follow TorchTitan's TOML conventions so a TorchTitan llama3 TOML loads with few
 or no changes (differences are listed in docs/config.md). Each field carries its documentation and
-its constraints in `metadata`: `doc` (one line), optionally `choices`, `ge`/`gt`/`le` bounds. The
-loader in `manager.py` checks types and these constraints generically; rules that relate several
-keys live in `validate.py`.
+its constraints in `metadata`: `doc` (one line), optionally `choices`, `ge`/`gt`/`le`/`lt` bounds. The
+loader in `manager.py` checks types and these constraints generically (an integer without an `le`
+bound must also fit in 64 bits); rules that relate several keys live in `validate.py`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None) -> Any:
+           gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
     """A config field with its one-line documentation and optional constraints."""
-    metadata = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    metadata = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -39,7 +39,8 @@ class Model:
                                      "empty uses the built-in byte tokenizer.")
     tokenizer_path: str = option("", "Deprecated TorchTitan alias of hf_assets_path.")
     vocab_size: int = option(-1, "Model vocabulary size; -1 follows the tokenizer, a larger value pads "
-                                 "(e.g. 128256), a smaller one is an error.", ge=-1)
+                                 "(e.g. 128256), a smaller one is an error.", ge=-1,
+                             le=2**32)  # token ids are stored as uint32 (data/packing.py)
     norm_type: str = option("rmsnorm", "Normalization layer implementation.",
                             choices=("rmsnorm", "triton_rmsnorm", "torch_rmsnorm"))
     sdpa_backend: str = option("auto", "Attention kernel for scaled_dot_product_attention, the only one allowed; "
@@ -53,8 +54,9 @@ class Model:
 class Optimizer:
     name: str = option("AdamW", "Optimizer.", choices=("AdamW", "Adam"))
     lr: float = option(8e-4, "Peak learning rate.", gt=0.0)
-    beta1: float = option(0.9, "Adam beta1.", ge=0.0, le=1.0)
-    beta2: float = option(0.95, "Adam beta2.", ge=0.0, le=1.0)
+    # torch's Adam refuses a beta of 1 (and bias correction would divide by 1 - 1**t = 0)
+    beta1: float = option(0.9, "Adam beta1.", ge=0.0, lt=1.0)
+    beta2: float = option(0.95, "Adam beta2.", ge=0.0, lt=1.0)
     eps: float = option(1e-8, "Adam epsilon.", gt=0.0)
     weight_decay: float = option(0.1, "Weight decay of matrices (not norms, biases): decoupled for AdamW, L2 for Adam.", ge=0.0)
     implementation: str = option("auto", "Kernel implementation; auto picks triton on CUDA (fused without Triton or with CPU offload), "
@@ -100,7 +102,8 @@ class Training:
                                             "gradient casts, the same memory (docs/training.md).",
                                  choices=("float32", "split"))
     enable_cpu_offload: bool = option(False, "Offload FSDP parameters, gradients and optimizer state to CPU.")
-    seed: int = option(0, "Random seed for weights, data order and dropout-free RNG streams.", ge=0)
+    seed: int = option(0, "Random seed for weights, data order and dropout-free RNG streams.", ge=0,
+                       le=2**64 - 1)  # torch.manual_seed's range
     deterministic: bool = option(False, "Use deterministic algorithms (slower) for bitwise-reproducible runs.")
     gc_freq: int = option(50, "Run Python garbage collection every this many steps.", ge=1)
     device: str = option("auto", "Device type; auto picks cuda when available, else cpu.", choices=("auto", "cuda", "cpu"))
@@ -192,9 +195,14 @@ class Profiling:
 
 @dataclass
 class Comm:
-    init_timeout_seconds: int = option(300, "Collective timeout of every group from start-up to the end of the first step (checkpoint load, compilation), and during the first validation.", ge=1)
-    train_timeout_seconds: int = option(100, "Collective timeout of every group (default and mesh dims) after the first step (but the first validation).", ge=1)
-    trace_buf_size: int = option(20000, "NCCL flight-recorder entries kept for hang dumps (0 disables).", ge=0)
+    # Timeouts at most 2**31 - 1 s (68 years): torch turns them into int64 micro- and nanosecond
+    # counts, which a larger value overflows (gloo refused 10**13 s as a negative timeout).
+    init_timeout_seconds: int = option(300, "Collective timeout of every group from start-up to the end of the first step (checkpoint load, compilation), and during the first validation.",
+                                       ge=1, le=2**31 - 1)
+    train_timeout_seconds: int = option(100, "Collective timeout of every group (default and mesh dims) after the first step (but the first validation).",
+                                        ge=1, le=2**31 - 1)
+    trace_buf_size: int = option(20000, "NCCL flight-recorder entries kept for hang dumps (0 disables).", ge=0,
+                                 le=2**31 - 1)  # torch reads TORCH_NCCL_TRACE_BUFFER_SIZE as a C int
 
 
 @dataclass

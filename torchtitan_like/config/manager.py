@@ -25,7 +25,9 @@ from torchtitan_like.errors import ConfigError, did_you_mean
 # TorchTitan sections we accept and ignore (with a warning) so its TOMLs load unchanged.
 IGNORED_TORCHTITAN_SECTIONS = ("experimental", "fault_tolerance", "memory_estimation", "mx")
 # TorchTitan spells the float8 section [quantize.linear.float8]; it maps onto our [float8].
-FLOAT8_ALIAS = ("quantize", "linear", "float8")
+# TorchTitan's other [quantize.*] tables: features we do not implement, ignored with a warning.
+TORCHTITAN_ONLY_QUANTIZE = ("linear.mx", "grouped_mm.float8", "grouped_mm.mx")
+MAX_INT64 = 2**63 - 1
 
 
 def _type_name(tp: Any) -> str:
@@ -40,7 +42,11 @@ def _field_types(section_cls: type) -> dict[str, Any]:
 def _coerce(value: Any, tp: type, where: str) -> Any:
     """Check a TOML value's type (ints are accepted where floats are expected)."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # TOML integers have no size limit; beyond 1.8e308 there is no float
+            raise ConfigError(f"{where}: an integer of {len(str(abs(value)))} digits is beyond the largest number "
+                              f"(about 1.8e308); expected a finite number") from None
     if tp is bool and isinstance(value, bool):
         return value
     if tp is list and isinstance(value, list):
@@ -104,27 +110,46 @@ def _check_constraints(value: Any, f, where: str) -> None:
         allowed = ", ".join(map(str, choices))
         raise ConfigError(f"{where} = {value!r} is not allowed{did_you_mean(str(value), map(str, choices))}; "
                           f"allowed: {allowed}")
+    bounds = dict(meta)
+    if isinstance(value, int) and not isinstance(value, bool) and bounds.get("le") is None:
+        bounds["le"] = MAX_INT64  # torch, numpy and C++ take integers as int64: a larger one overflows there
     for bound, test, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                              ("le", lambda v, b: v <= b, "<=")):
-        limit = meta.get(bound)
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        limit = bounds.get(bound)
         if limit is not None and isinstance(value, (int, float)) and not test(value, limit):
-            raise ConfigError(f"{where} = {value!r} is out of range: must be {text} {limit:g}")
+            raise ConfigError(f"{where} = {value!r} is out of range: must be {text} {format_bound(limit)}")
 
 
-def _flatten_float8_alias(data: dict, source: str) -> dict:
-    """Map TorchTitan's [quantize.linear.float8] onto [float8]."""
-    quantize = data.get("quantize")
-    if isinstance(quantize, dict):
-        float8 = quantize.get("linear", {}).get("float8") if isinstance(quantize.get("linear"), dict) else None
-        if float8 is not None:
-            if not isinstance(float8, dict):
-                raise ConfigError(f"{source}: [quantize.linear.float8] must be a table of keys, got {float8!r}")
+def format_bound(limit: float) -> str:
+    """A bound as written in messages and docs/config.md: integers whole (2**64 - 1 is no 1.84467e+19)."""
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
+
+
+def _flatten_float8_alias(data: dict, source: str, warn=print) -> dict:
+    """Map TorchTitan's [quantize.linear.float8] onto [float8]; its other [quantize.*] tables (MX,
+    grouped-GEMM quantization) are TorchTitan-only and ignored with a warning, like [mx]."""
+    if "quantize" not in data:
+        return data
+    quantize = data["quantize"]
+    if not isinstance(quantize, dict):
+        raise ConfigError(f"{source}: [quantize] must be a table of keys, got {quantize!r}")
+    allowed = ", ".join(f"[quantize.{name}]" for name in ("linear.float8", *TORCHTITAN_ONLY_QUANTIZE))
+    data = {k: v for k, v in data.items() if k != "quantize"}
+    for kind, tables in quantize.items():
+        if not isinstance(tables, dict):
+            raise ConfigError(f"{source}: [quantize.{kind}] must be a table of tables; allowed: {allowed}")
+        for name, table in tables.items():
+            path = f"{kind}.{name}"
+            if path in TORCHTITAN_ONLY_QUANTIZE:
+                warn(f"warning: {source}: section [quantize.{path}] is TorchTitan-only and ignored")
+                continue
+            if path != "linear.float8":
+                raise ConfigError(f"{source}: unknown section [quantize.{path}]; allowed: {allowed}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: [quantize.linear.float8] must be a table of keys, got {table!r}")
             if not isinstance(data.get("float8", {}), dict):
                 raise ConfigError(f"{source}: [float8] must be a table of keys, got {data['float8']!r}")
-            merged = dict(data.get("float8", {}))
-            merged.update(float8)
-            data = {k: v for k, v in data.items() if k != "quantize"}
-            data["float8"] = merged
+            data["float8"] = {**data.get("float8", {}), **table}
     return data
 
 
@@ -139,11 +164,13 @@ def read_toml(path: str) -> dict:
         raise ConfigError(f"{path}: malformed TOML: {err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
+    except ValueError as err:  # an integer of more than 4300 digits: Python refuses to convert it
+        raise ConfigError(f"{path}: malformed TOML: {err}") from None
 
 
 def apply_sections(config: JobConfig, data: dict, source: str, warn=print) -> None:
     """Set values from a nested dict `{section: {key: value}}` onto `config`, checking each."""
-    data = _flatten_float8_alias(data, source)
+    data = _flatten_float8_alias(data, source, warn)
     for section, values in data.items():
         if section in IGNORED_TORCHTITAN_SECTIONS:
             warn(f"warning: {source}: section [{section}] is TorchTitan-only and ignored")
@@ -240,11 +267,14 @@ def load_config(argv: Sequence[str]) -> tuple[JobConfig, bool]:
                     raise ConfigError(f"command line: {flag} needs a path")
                 config_path = argv[index + 1]
                 index += 2
-                break
-            if arg.startswith(flag + "="):
+            elif arg.startswith(flag + "="):
                 config_path = arg.split("=", 1)[1]
                 index += 1
-                break
+            else:
+                continue
+            if not config_path:  # e.g. an unset shell variable: the run would silently use the defaults
+                raise ConfigError(f"command line: {flag} = '': needs the path of a TOML file")
+            break
         else:
             rest.append(arg)
             index += 1

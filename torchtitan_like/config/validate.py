@@ -18,7 +18,6 @@ def gradient_accumulation_steps(training, dp_degree: int) -> int:
 
 
 FLOAT8_CONVERTERS = ("float8", "quantize.linear.float8")  # ours and TorchTitan 0.2's spelling
-MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 def validate_config(config, model_args) -> None:
@@ -53,10 +52,9 @@ def validate_config(config, model_args) -> None:
     if config.parallelism.pipeline_parallel_layers_per_stage == 0:
         raise ConfigError("parallelism.pipeline_parallel_layers_per_stage = 0: use -1 (one stage per rank) or a "
                           "positive number of layers")
-    if config.metrics.peak_flops == 0:
-        raise ConfigError("metrics.peak_flops = 0: use -1 (look the device up) or the device's peak FLOP/s, e.g. 989e12")
-    if training.seed > MAX_SEED:
-        raise ConfigError(f"training.seed = {training.seed} is out of range: must be <= 2**64 - 1 ({MAX_SEED})")
+    if config.metrics.peak_flops != -1 and config.metrics.peak_flops <= 0:  # metrics.py treats any of them as -1
+        raise ConfigError(f"metrics.peak_flops = {config.metrics.peak_flops:g}: use -1 (look the device up) or the "
+                          f"device's peak FLOP/s, e.g. 989e12")
     if training.dataset in ("local", "tokenized", "huggingface") and not training.dataset_path:
         raise ConfigError(f"training.dataset = {training.dataset!r} needs training.dataset_path "
                           f"(a file, folder or glob{', or a dataset name' if training.dataset == 'huggingface' else ''})")
@@ -71,6 +69,12 @@ def validate_config(config, model_args) -> None:
     if config.activation_checkpoint.mode == "selective" and option != "op" and not every_kth:
         raise ConfigError(f"activation_checkpoint.selective_ac_option = {option!r}: must be a positive integer "
                           f"(checkpoint every k-th layer) or 'op'")
+    if config.activation_checkpoint.mode == "selective" and every_kth and int(option) > model_args.n_layers:
+        # layer i is checkpointed when (i + 1) % k == 0: none of them, silently the memory of mode "none"
+        raise ConfigError(f"activation_checkpoint.selective_ac_option = {option!r} checkpoints one layer in every "
+                          f"{int(option)}, but {config.model.name} {config.model.flavor} has {model_args.n_layers} "
+                          f"layers: none would be checkpointed; use at most {model_args.n_layers}, 'op', or mode "
+                          f"'none'")
     for component in config.compile.components:
         if component not in ("model", "loss"):
             raise ConfigError(f"compile.components contains {component!r}; allowed: model, loss")

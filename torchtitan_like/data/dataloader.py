@@ -78,11 +78,15 @@ def dataset_settings(job_config: Any, split: str) -> DatasetSettings:
 def check_dataset_paths(job_config: Any, tokenizer: Tokenizer | None = None, dp_world_size: int = 1) -> None:
     """Fail fast on a corpus path that does not exist; for a prepare-data folder, on everything its
     metadata tells without reading tokens (tokenizer, split, shard sizes, enough tokens for a batch;
-    checksums when asked): cheap, so the trainer runs it before any process group exists."""
+    checksums when asked): cheap, so the trainer runs it before any process group exists. The
+    built-in corpus is checked for enough tokens too: it ships with the package, and its cached
+    tokens are the ones the loaders then use."""
     splits = ["train"] + (["validation"] if job_config.validation.enable else [])
     for split in splits:
         settings = dataset_settings(job_config, split)
-        if settings.dataset == "local":
+        if settings.dataset == "builtin" and tokenizer is not None:
+            check_enough_tokens(len(builtin_corpus_tokens(tokenizer, split)), settings, dp_world_size)
+        elif settings.dataset == "local":
             resolve_corpus_files(settings.path)
         elif settings.dataset == "tokenized":
             _, shards = check_token_shards(settings.path, split, tokenizer, settings.verify_checksums)

@@ -124,7 +124,13 @@ TIKTOKEN_FILE_NAME = "tokenizer.model"
 def build_tokenizer(model_config: Any) -> Tokenizer:
     """The tokenizer of `[model]`: `tokenizer` kind and `hf_assets_path` (or legacy `tokenizer_path`)."""
     path = model_config.hf_assets_path or model_config.tokenizer_path
-    return load_tokenizer(model_config.tokenizer, path)
+    key = "model.hf_assets_path" if model_config.hf_assets_path else "model.tokenizer_path"
+    try:
+        return load_tokenizer(model_config.tokenizer, path)
+    except DataError as error:
+        if not path or key in str(error):
+            raise
+        raise DataError(f"{key} = {path!r}: {error}") from None
 
 
 def load_tokenizer(kind: str, path: str = "") -> Tokenizer:
