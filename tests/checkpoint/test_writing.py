@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -20,6 +21,7 @@ from tests.checkpoint.common import build_model, build_training, checkpoint_conf
 from torchtitan_like.checkpoint import CheckpointManager, folders
 from torchtitan_like.checkpoint.writing import CheckpointWriter
 from torchtitan_like.errors import StorageError
+from torchtitan_like.filesystem import format_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -204,3 +206,24 @@ def test_a_full_disk_on_one_rank_stops_every_rank_with_the_same_error_and_both_r
     assert outcome["commit"].startswith("committing step-8 failed: ") and "No space left" in outcome["commit"]
     assert outcome["loaded"] == 2 and outcome["restored"]
     assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-2"]
+
+
+def test_a_commit_that_leaves_less_room_than_a_checkpoint_warns_and_so_does_the_next_start(tmp_path, monkeypatch):
+    manager, model = _trained(tmp_path)
+
+    def low_space_warnings(action):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            action()
+        return [str(warning.message) for warning in caught if "the next save will fail" in str(warning.message)]
+
+    assert low_space_warnings(lambda: manager.save(1, force=True)) == []  # this disk has room
+    marker = folders.check_complete(os.path.join(tmp_path, "checkpoint", "step-1"))
+    size = sum(marker["files"].values())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
+    after_commit = low_space_warnings(lambda: manager.save(2, force=True))
+    assert len(after_commit) == 1, after_commit
+    assert f"less than the {format_bytes(size)} of its newest checkpoint step-2" in after_commit[0]
+    at_start = low_space_warnings(lambda: CheckpointManager(checkpoint_config(), str(tmp_path), model, None))
+    assert len(at_start) == 1 and "step-2" in at_start[0], at_start

@@ -42,8 +42,8 @@ from torchtitan_like.checkpoint.fit import (check_model_shapes, check_optimizer_
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.checkpoint.state import (DataloaderState, ModelState, OptimizerState, RNGState,
                                               check_excluded_states)
-from torchtitan_like.checkpoint.writing import (CheckpointWriter, raise_save_failure, resume_hint, save_failure,
-                                                save_model_only)
+from torchtitan_like.checkpoint.writing import (CheckpointWriter, low_space_warning, raise_save_failure, resume_hint,
+                                                save_failure, save_model_only)
 from torchtitan_like.errors import ConfigError, StorageError
 from torchtitan_like.fault_injection import maybe_inject_fault
 
@@ -148,6 +148,7 @@ class CheckpointManager:
         if self.rank == 0:
             for name in folders.remove_stale_tmp(self.root) + folders.remove_stale_tmp(folders.export_root(self.root)):
                 warnings.warn(f"removed {name} left by an earlier save that did not finish", stacklevel=2)
+            self._warn_if_low_on_space()
         if checkpoint_config.async_mode != "disabled" and dist.is_available() and dist.is_initialized():
             # A separate gloo group: the background save thread must not share a communicator with
             # the training collectives (ordering), and DCP's async save needs a CPU backend.
@@ -216,6 +217,7 @@ class CheckpointManager:
             else:
                 if not model_only:
                     folders.apply_retention(self.root, self.config.keep_latest_k, keep_step=step)
+                    self._warn_if_low_on_space()
         # Instead of a barrier: a rank waiting there for a commit that failed would wait for the
         # collective timeout, while rank 0 has stopped.
         failure = _from_rank0(failure, self.process_group)
@@ -274,6 +276,13 @@ class CheckpointManager:
                 # collective, which fails once rank 0 has exited.
                 raise_save_failure(error, tmp_path, f"committing {os.path.basename(final_path)}", outcome)
             folders.apply_retention(self.root, self.config.keep_latest_k, keep_step=step)
+            self._warn_if_low_on_space()
+
+    def _warn_if_low_on_space(self) -> None:
+        """Rank 0, at start-up and after each commit: warn while the next save cannot fit (writing.py)."""
+        message = low_space_warning(self.root)
+        if message is not None:
+            warnings.warn(message, stacklevel=3)
 
     def close(self) -> None:
         """Wait for and commit any in-flight async save; call once before the process exits."""

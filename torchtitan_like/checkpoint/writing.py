@@ -115,6 +115,26 @@ def resume_hint(root: str) -> str:
             f"step {newest.step}")
 
 
+def low_space_warning(root: str) -> str | None:
+    """A warning when the file system holding `root` has less free space than the newest full
+    checkpoint there takes: the next save writes as much again before retention may delete an old
+    one, so it would fail on a full disk. None when there is room, or nothing to compare with."""
+    full = [folder for folder in folders.complete_checkpoints(root, warn=False) if not folder.model_only]
+    if not full:
+        return None
+    newest = full[-1]
+    needed = sum(newest.marker.get("files", {}).values())
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    if free >= needed:
+        return None
+    return (f"checkpoint folder {root}: {format_bytes(free)} free, less than the {format_bytes(needed)} of its newest "
+            f"checkpoint {os.path.basename(newest.path)}: the next save will fail on a full disk unless space is "
+            f"freed (older step folders, other files) or job.dump_folder moves to a larger file system")
+
+
 def save_model_only(state: dict, root: str, step: int, action: str) -> str:
     """Write `{"model": state}` as the complete model-only checkpoint `root/step-<step>` from this one
     process (seed checkpoints, Hugging Face imports); a failed write leaves no `.tmp` behind."""
