@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -71,3 +72,29 @@ def communicate_or_kill(process: subprocess.Popen, timeout: float, what: str) ->
         output, _ = process.communicate()
         raise AssertionError(f"{what} timed out after {timeout}s:\n{output[-4000:]}")
     return output
+
+
+class FileOnAFullDisk:
+    """A file opened on a disk with `room["bytes"]` left (one dict shared by every file of that disk):
+    the write that reaches past it writes what fits and raises ENOSPC without a file name, as the
+    kernel's write(2) does. Anything else goes to the real file."""
+
+    def __init__(self, file, room: dict):
+        self._file, self._room = file, room
+
+    def write(self, data):
+        fits = min(len(data), self._room["bytes"])
+        self._file.write(bytes(memoryview(data)[:fits]))
+        self._room["bytes"] -= fits
+        if fits < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fits
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from tests.checkpoint.common import build_model, build_training, checkpoint_config, run_on_ranks, train_step
+from tests.helpers import FileOnAFullDisk
 from torchtitan_like.checkpoint import CheckpointManager, folders
 from torchtitan_like.checkpoint.writing import CheckpointWriter
 from torchtitan_like.errors import StorageError
@@ -48,35 +49,16 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-class _StreamOnAFullDisk:
-    """A file of a file system with `room` bytes left: the write that reaches past it writes what fits
-    and raises ENOSPC without a file name, as the kernel's write(2) does."""
-
-    def __init__(self, stream, disk):
-        self._stream, self._disk = stream, disk
-
-    def write(self, data):
-        fits = min(len(data), self._disk["room"])
-        self._stream.write(bytes(memoryview(data)[:fits]))
-        self._disk["room"] -= fits
-        if fits < len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return fits
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
 def _full_disk_streams(room: int):
     """A stand-in for DCP's FileSystem.create_stream on a disk with `room` bytes left: less than a
     checkpoint, so the data file of the save runs out mid-way (torch.save then raises a RuntimeError
     whose __context__ is the OSError)."""
-    disk = {"room": room}
+    disk = {"bytes": room}
 
     @contextlib.contextmanager
     def create_stream(self, path, mode):
         with open(path, mode) as stream:
-            yield _StreamOnAFullDisk(stream, disk)
+            yield FileOnAFullDisk(stream, disk)
 
     return create_stream
 

@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import base64
-import errno
 import itertools
 import json
-import os
 
 import numpy as np
 import torch
 
 from tests.data.conftest import make_job_config
+from tests.helpers import FileOnAFullDisk
 from torchtitan_like.config import validate_config
 from torchtitan_like.data import build_dataloader
 from torchtitan_like.data.prepare import main
@@ -127,28 +126,6 @@ def test_a_failed_run_leaves_the_dataset_already_in_output_intact(tmp_path, caps
     assert not (tmp_path / "out.partial").exists()
 
 
-class _FileOnAFullDisk:
-    """A file opened on a disk with room["bytes"] left: the write that reaches past it writes what fits
-    and raises ENOSPC without a file name, as the kernel's write(2) does."""
-
-    def __init__(self, file, room):
-        self._file, self._room = file, room
-
-    def write(self, data):
-        fits = min(len(data), self._room["bytes"])
-        self._file.write(data[:fits])
-        self._room["bytes"] -= fits
-        if fits < len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return fits
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self._file.close()
-
-
 def test_a_disk_that_fills_up_exits_2_naming_the_shard_and_leaves_the_dataset_in_output_intact(
         tmp_path, capsys, monkeypatch):
     from torchtitan_like import filesystem
@@ -158,7 +135,7 @@ def test_a_disk_that_fills_up_exits_2_naming_the_shard_and_leaves_the_dataset_in
     before = {path.name: path.read_bytes() for path in output.iterdir()}
     capsys.readouterr()
     room = {"bytes": 1000}  # the first shard of 300 uint16 tokens fits, the second does not
-    monkeypatch.setattr(filesystem, "open", lambda path, mode: _FileOnAFullDisk(open(path, mode), room),
+    monkeypatch.setattr(filesystem, "open", lambda path, mode: FileOnAFullDisk(open(path, mode), room),
                         raising=False)
     assert main(["--input", str(corpus), "--output", str(output), "--text-field", "body",
                  "--shard-tokens", "300"]) == 2
