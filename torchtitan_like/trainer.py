@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_like.checkpoint import TRAIN_STATE_KEY, CheckpointManager, TrainState, create_seed_checkpoint
-from torchtitan_like.config import to_toml
+from torchtitan_like.config.manager import changes_since, to_toml
 from torchtitan_like.data import build_dataloader
 from torchtitan_like.distributed.setup import (destroy_process_group, init_process_group, set_group_timeouts,
                                                set_train_timeout, startup_timeout, world_info)
@@ -287,15 +287,21 @@ class Trainer:
             logger.info(f"seed checkpoint written to {path}")
             return []
         self.step = self.checkpointer.load()
+        if self.step:
+            logger.info(f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
+            if self.rank == 0:  # what this relaunch changed, read before _write_config replaces the file
+                for line in changes_since(os.path.join(config.job.dump_folder, "config.toml"), config):
+                    logger.info(f"config changed since this run's last launch: {line}")
+            reapply_optimizer_config(self.optimizer, self.lr_scheduler, config.optimizer)
         # After the load: a relaunch whose config does not fit the run's checkpoint stops there and
         # leaves the run's config.toml as it was.
         self._write_config()
-        if self.step:
-            logger.info(f"resumed from step {self.step} ({self.tokens_seen:,} tokens seen)")
-            reapply_optimizer_config(self.optimizer, self.lr_scheduler, config.optimizer)
         if self.step >= config.training.steps:  # e.g. a finished job requeued or restarted
             logger.info(f"training already finished: checkpoint step {self.step} >= training.steps = "
-                        f"{config.training.steps}; nothing to train")
+                        f"{config.training.steps}; nothing to train"
+                        + ("" if self.step == config.training.steps else
+                           " (a lower training.steps does not roll the run back: to go back to an earlier "
+                           "checkpoint, set checkpoint.load_step or remove the later step folders)"))
             self.finished = True
             return list(self.train_state.losses)
         data_iterator = iter(self.dataloader)

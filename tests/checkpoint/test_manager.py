@@ -257,7 +257,7 @@ def test_a_data_position_of_another_corpus_is_refused_by_load_not_by_the_first_b
     _manager(tmp_path, training[:3] + (saved_loader, training[4])).save(1)
     other = _training()
     manager = _manager(tmp_path, other[:3] + (loader(16), other[4]))
-    with pytest.raises(DataError, match=r"num_samples=\d+, but this run has num_samples=\d+"):
+    with pytest.raises(DataError, match=r"seq_len=8, but this run has seq_len=16 \(training\.seq_len\)"):
         manager.load()
 
 

@@ -133,3 +133,32 @@ def test_iterating_a_loader_leaves_the_global_torch_rng_untouched(split):
     next(iter(loader))
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_relaunch_with_another_local_batch_size_continues_with_the_next_samples():
+    # The position is kept in samples, not batches: a changed batch size (or gradient accumulation)
+    # reads on from the very sample where the checkpointed run stopped.
+    tokenizer = ByteTokenizer()
+    straight = take(build_dataloader(make_job_config(seq_len=16, local_batch_size=2), tokenizer, 0, 1), 6)
+    loader = build_dataloader(make_job_config(seq_len=16, local_batch_size=2), tokenizer, 0, 1)
+    take(loader, 2)
+    resumed = build_dataloader(make_job_config(seq_len=16, local_batch_size=4), tokenizer, 0, 1)
+    resumed.load_state_dict(loader.state_dict())
+    for (inputs, _), expected in zip(take(resumed, 2), (straight[2:4], straight[4:6]), strict=True):
+        assert torch.equal(inputs, torch.cat([batch[0] for batch in expected]))
+
+
+def test_a_relaunch_with_another_seq_len_or_seed_is_refused_naming_the_key_and_both_values():
+    from torchtitan_like.data.dataloader import check_loader_state  # what the checkpoint load runs
+
+    tokenizer = ByteTokenizer()
+    loader = build_dataloader(make_job_config(seq_len=16, local_batch_size=2), tokenizer, 0, 1)
+    take(loader, 1)
+    state = loader.state_dict()
+    longer = build_dataloader(make_job_config(seq_len=32, local_batch_size=2), tokenizer, 0, 1)
+    with pytest.raises(DataError, match=r"seq_len=16, but this run has seq_len=32 \(training\.seq_len\).*"
+                                        r'add "dataloader" to checkpoint\.exclude_from_loading'):
+        check_loader_state(longer, state)
+    reseeded = build_dataloader(make_job_config(seq_len=16, local_batch_size=2, seed=3), tokenizer, 0, 1)
+    with pytest.raises(DataError, match=r"seed=0, but this run has seed=3 \(training\.seed\)"):
+        check_loader_state(reseeded, state)

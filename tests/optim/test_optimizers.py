@@ -102,3 +102,27 @@ def test_auto_implementation_is_triton_on_cuda_fused_without_triton_and_foreach_
     assert build_optimizer([model], Optimizer(), "cuda").defaults["fused"]
     monkeypatch.setattr(adamw, "triton", None)
     assert resolve_implementation("auto", "cuda") == "fused"
+
+
+def test_a_changed_schedule_on_resume_is_followed_and_logged_and_a_changed_peak_alone_is_not():
+    # The scheduler restores only its step: training.steps and [lr_scheduler] come from the config,
+    # so an extended run's LR jumps from the finished schedule's minimum back up the new one.
+    config = Optimizer(lr=2e-3)
+    model, optimizer_state, scheduler_state = _train_and_save(config, steps=3)
+    optimizer = build_optimizer([model], config, "cpu")
+    longer = LRScheduler(warmup_steps=4, decay_type="linear")
+    scheduler = build_lr_scheduler(optimizer, longer, 2 * STEPS)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    lines = reapply_optimizer_config(optimizer, scheduler, config)
+    new = lr_multiplier(4, total_steps=2 * STEPS, warmup_steps=4, decay_type="linear", decay_ratio=-1.0,
+                        min_lr_factor=longer.min_lr_factor)
+    old = lr_multiplier(4, total_steps=STEPS, warmup_steps=2, decay_type="cosine", decay_ratio=-1.0,
+                        min_lr_factor=SCHEDULE.min_lr_factor)
+    assert optimizer.param_groups[0]["lr"] == 2e-3 * new
+    expected = (f"LR schedule changed on resume (training.steps or [lr_scheduler]): step 4 uses {new:g} x peak "
+                f"= {2e-3 * new:g}, where the checkpointed run's schedule gave {old:g} x peak")
+    assert lines == [expected]
+    optimizer, scheduler = _resume(Optimizer(lr=1e-3), *_train_and_save(config, steps=3))
+    assert reapply_optimizer_config(optimizer, scheduler, Optimizer(lr=1e-3)) == [
+        "optimizer.lr changed on resume: 0.002 -> 0.001"]

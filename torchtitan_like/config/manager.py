@@ -313,3 +313,30 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
+
+
+# Keys that say where the config came from or where it lives (the saved file is in that folder),
+# not how the run trains.
+_NOT_A_SETTING = ("job.config_file", "job.print_config", "job.dump_folder")
+
+
+def changes_since(previous_path: str, config: JobConfig) -> list[str]:
+    """`section.key: old -> new` for every setting of `config` that differs from the config saved at
+    `previous_path` (a run's config.toml, written at its last launch), for the log of a relaunch.
+    Keys the saved file lacks (added since) are left out; an unreadable file gives no lines."""
+    try:
+        with open(previous_path, "rb") as handle:
+            previous = tomllib.load(handle)
+    except (OSError, ValueError):  # missing, unreadable or malformed (TOMLDecodeError is a ValueError)
+        return []
+    current = tomllib.loads(to_toml(config))  # the same normalization as the saved file
+    lines = []
+    for section, values in current.items():
+        old_values = previous.get(section)
+        if not isinstance(old_values, dict):
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if key in old_values and old_values[key] != value and name not in _NOT_A_SETTING:
+                lines.append(f"{name}: {_toml_value(old_values[key])} -> {_toml_value(value)}")
+    return lines

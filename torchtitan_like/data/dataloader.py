@@ -142,7 +142,7 @@ def build_dataloader(job_config: Any, tokenizer: Tokenizer, dp_rank: int, dp_wor
     check_enough_tokens(dataset.num_tokens, settings, dp_world_size)
     is_train = split == "train"
     sampler = ShardedSampler(len(dataset), dp_rank, dp_world_size, seed=settings.seed,
-                             shuffle=is_train, infinite=is_train)
+                             shuffle=is_train, infinite=is_train, seq_len=settings.seq_len)
     # Its own generator: every iter(loader) draws a base seed, which would otherwise come from the
     # global torch RNG and shift a just-restored RNG state (and every validation pass another draw).
     generator = torch.Generator().manual_seed(settings.seed)
@@ -151,8 +151,8 @@ def build_dataloader(job_config: Any, tokenizer: Tokenizer, dp_rank: int, dp_wor
 
 
 def check_loader_state(loader: Any, state: Any) -> None:
-    """DataError now for a saved loader `state` that `loader` cannot continue (another corpus or
-    seed). StatefulDataLoader applies a loaded state only at the next `iter()`, so without this the
+    """DataError now for a saved loader `state` that `loader` cannot continue (another seq_len,
+    corpus or seed). StatefulDataLoader applies a loaded state only at the next `iter()`, so without this the
     mistake surfaced after the trainer had logged the resume and rewritten the run's config.toml."""
     if not isinstance(state, dict):
         return

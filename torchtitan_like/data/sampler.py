@@ -41,7 +41,7 @@ class ShardedSampler(Sampler[int]):
     """Indices of this rank's samples; infinite (epoch after epoch) or a single pass."""
 
     def __init__(self, num_samples: int, dp_rank: int, dp_world_size: int, *, seed: int = 0,
-                 shuffle: bool = True, infinite: bool = True):
+                 shuffle: bool = True, infinite: bool = True, seq_len: int | None = None):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} outside a data-parallel world of {dp_world_size}")
         self.num_samples = num_samples
@@ -50,6 +50,7 @@ class ShardedSampler(Sampler[int]):
         self.seed = seed
         self.shuffle = shuffle
         self.infinite = infinite
+        self.seq_len = seq_len  # recorded in the state, so a relaunch with another one is named as such
         self.epoch = 0
         self.yielded_in_epoch = 0
 
@@ -86,17 +87,28 @@ class ShardedSampler(Sampler[int]):
         self.epoch, self.yielded_in_epoch = 0, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "yielded_in_epoch": self.yielded_in_epoch,
-                "consumed_in_epoch": self.yielded_in_epoch * self.dp_world_size, "seed": self.seed,
-                "num_samples": self.num_samples, "dp_world_size": self.dp_world_size}
+        state = {"epoch": self.epoch, "yielded_in_epoch": self.yielded_in_epoch,
+                 "consumed_in_epoch": self.yielded_in_epoch * self.dp_world_size, "seed": self.seed,
+                 "num_samples": self.num_samples, "dp_world_size": self.dp_world_size}
+        if self.seq_len is not None:
+            state["seq_len"] = self.seq_len
+        return state
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """DataError for a saved state of another corpus or seed: it would silently replay other data."""
-        for key in ("seed", "num_samples"):
-            if key in state_dict and state_dict[key] != getattr(self, key):
-                raise DataError(f"the checkpointed data loader state has {key}={state_dict[key]}, but this run has "
-                                f"{key}={getattr(self, key)}, so the data order cannot continue; restore the old "
-                                f'setting or add "dataloader" to checkpoint.exclude_from_loading')
+        """DataError for a saved state of another sample length, corpus or seed: it would silently
+        replay other data. Samples are windows of seq_len + 1 tokens in a permutation drawn from the
+        seed, so neither a position nor an order carries over to another length, corpus or seed."""
+        # seq_len first: another length changes num_samples too (states saved before it was recorded
+        # hold no seq_len, and get the num_samples message).
+        for key, what in (("seq_len", "training.seq_len"), ("seed", "training.seed"),
+                          ("num_samples", "another dataset, tokenizer or training.seq_len?")):
+            saved, current = state_dict.get(key), getattr(self, key)
+            if saved is None or current is None or saved == current:
+                continue
+            raise DataError(f"the checkpointed data loader state has {key}={saved}, but this run has {key}={current} "
+                            f"({what}), so the data position cannot continue: restore the checkpointed run's "
+                            f'setting, or add "dataloader" to checkpoint.exclude_from_loading to resume model, '
+                            f"optimizer and step and start the data order over from the beginning")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.check_state_dict(state_dict)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -76,11 +78,16 @@ def reapply_optimizer_config(optimizer: torch.optim.Optimizer, lr_scheduler: tor
     scheduler's base_lrs as they were saved, so a changed `optimizer.lr` etc. would be silently
     ignored. The peak LR is re-applied to the schedule and the current LR recomputed for the
     restored step (the schedule's shape already comes from the config); weight decay goes only to
-    the decayed group (norms and biases stay at 0). Logs and returns one line per changed value.
+    the decayed group (norms and biases stay at 0). Logs and returns one line per changed value, and
+    one when the schedule itself changed (training.steps or [lr_scheduler]: the restored step's LR
+    multiplier differs from the one the checkpointed schedule gave it).
     """
     from torchtitan_like.logging import logger
 
     changes: dict[str, tuple] = {}
+    # The multiplier the checkpointed run's schedule gave the next step (its LR over its peak, both
+    # restored with the scheduler), to tell a changed schedule apart from a changed peak.
+    restored_multiplier = lr_scheduler.get_last_lr()[0] / lr_scheduler.base_lrs[0]
 
     def apply(group: dict, option: str, name: str, value) -> None:
         current = tuple(group[option]) if isinstance(value, tuple) else group[option]
@@ -112,6 +119,13 @@ def reapply_optimizer_config(optimizer: torch.optim.Optimizer, lr_scheduler: tor
         group["lr"] = optimizer_config.lr * lr_scheduler.lr_lambdas[index](lr_scheduler.last_epoch)
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     lines = [f"optimizer.{name} changed on resume: {_show(old)} -> {_show(new)}" for name, (old, new) in changes.items()]
+    multiplier = lr_scheduler.lr_lambdas[0](lr_scheduler.last_epoch)
+    if not math.isclose(restored_multiplier, multiplier, rel_tol=1e-9, abs_tol=1e-12):
+        # training.steps or [lr_scheduler] changed: the schedule is this config's, the step the checkpoint's
+        step = lr_scheduler.last_epoch + 1
+        lines.append(f"LR schedule changed on resume (training.steps or [lr_scheduler]): step {step} uses "
+                     f"{multiplier:g} x peak = {optimizer_config.lr * multiplier:g}, where the checkpointed run's "
+                     f"schedule gave {restored_multiplier:g} x peak")
     for line in lines:
         logger.info(line)
     return lines
