@@ -209,3 +209,16 @@ def test_a_commit_that_leaves_less_room_than_a_checkpoint_warns_and_so_does_the_
     assert f"less than the {format_bytes(size)} of its newest checkpoint step-2" in after_commit[0]
     at_start = low_space_warnings(lambda: CheckpointManager(checkpoint_config(), str(tmp_path), model, None))
     assert len(at_start) == 1 and "step-2" in at_start[0], at_start
+
+
+def test_a_seed_checkpoint_onto_a_full_disk_is_a_storage_error_and_leaves_no_tmp(tmp_path, monkeypatch):
+    """The model-only save that seed checkpoints and Hugging Face imports share (save_model_only)."""
+    from torchtitan_like.checkpoint import create_seed_checkpoint
+
+    monkeypatch.setattr(FileSystem, "create_stream", _full_disk_streams(room=1000))
+    with pytest.raises(StorageError) as raised:  # was: CheckpointException "RuntimeError: ... unexpected pos"
+        create_seed_checkpoint(checkpoint_config(), str(tmp_path), build_model())
+    tmp = os.path.join(tmp_path, "checkpoint", "step-0.tmp")
+    assert str(raised.value).startswith(f"saving the seed checkpoint failed: {tmp}: No space left on device (ENOSPC); ")
+    assert "The partial step-0.tmp was removed" in str(raised.value)
+    assert os.listdir(os.path.join(tmp_path, "checkpoint")) == []
