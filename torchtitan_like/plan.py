@@ -30,6 +30,7 @@ from torchtitan_like.models import get_model_spec
 from torchtitan_like.parallelisms.fsdp import reshard_after_forward_policy
 from torchtitan_like.parallelisms.parallel_dims import ParallelDims
 from torchtitan_like.plan_memory import GIB, BlockShape, RankLayout, estimate_memory, suggestions
+from torchtitan_like.startup import build_model_on_meta
 
 DOES_NOT_FIT_EXIT_CODE = 3
 CARD_NAMES = {80: "H100 80GB", 141: "H200 141GB"}
@@ -91,12 +92,7 @@ def build_rank(config, parallel_dims: ParallelDims, rank: int, spec, model_args)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=parallel_dims.world_size)
     # "cpu" meshes: the fake backend needs no devices, and the plan's layout does not depend on it.
     mesh = parallel_dims.build_mesh("cpu")
-    with torch.device("meta"):
-        model = spec.model_cls(model_args)
-    if config.float8.enable:
-        from torchtitan_like.kernels.float8 import convert_to_float8
-
-        convert_to_float8(model, config.float8, weights_sharded=parallel_dims.dp_shard > 1)
+    model = build_model_on_meta(config, spec, model_args, parallel_dims)
     if parallel_dims.pp_enabled:
         from torchtitan_like.losses import cross_entropy_loss
 

@@ -36,6 +36,19 @@ def resolve_model_args(config, tokenizer):
     return spec, model_args
 
 
+def build_model_on_meta(config, spec, model_args, parallel_dims: ParallelDims) -> torch.nn.Module:
+    """The whole model on the meta device (no memory) with the conversions applied before the
+    parallel plan (Float8 linears): what the trainer and the plan dry-run then parallelize, and
+    whose state-dict names and shapes the start-up checks compare with a checkpoint."""
+    with torch.device("meta"):
+        model = spec.model_cls(model_args)
+    if config.float8.enable:
+        from torchtitan_like.kernels.float8 import convert_to_float8
+
+        convert_to_float8(model, config.float8, weights_sharded=parallel_dims.dp_shard > 1)
+    return model
+
+
 def resolve_sdpa_backends(choice: str, device: torch.device) -> tuple[str, ...]:
     """`model.sdpa_backend` -> the attention kernels the model may use, in priority order. A named
     kernel is the only one allowed (an error where it cannot run). auto: on Hopper (sm90) cuDNN first,

@@ -3,8 +3,10 @@
 User mistakes (bad config, missing files, bad data) print one `error:` line and exit with code 2,
 without a traceback; `--print-config` prints the resolved config and exits. `--check-config` runs
 every start-up check of the Trainer (startup.check_user_inputs) for a run of WORLD_SIZE processes
-in this one process, and exits 0 or 2 without creating a process group or a model: the launchers
-run it before torchrun, so that a mistake is reported once, with exit code 2. A preemption signal
+in this one process, and whether the checkpoint the run would load fits the config (checkpoint/
+startup_fit.py: model shapes and tying, data position; metadata only), and exits 0 or 2 without
+creating a process group or a real model: the launchers run it before torchrun, so that a mistake
+is reported once, with exit code 2. A preemption signal
 (SIGTERM, SIGUSR1) saves a checkpoint and exits with code 75 (see preemption.py).
 """
 
@@ -29,16 +31,19 @@ starting nothing (run_train.sh and multinode_trainer.slurm run it before torchru
 
 
 def check_config(config) -> None:
-    """The Trainer's start-up checks, in this process only: what `--check-config` runs."""
+    """The Trainer's start-up checks, in this process only, and whether the checkpoint the run
+    would load fits its config (which the Trainer finds only at the load): what `--check-config` runs."""
+    from torchtitan_like.checkpoint.startup_fit import check_checkpoint_fits
     from torchtitan_like.distributed.setup import world_info
     from torchtitan_like.startup import check_user_inputs
 
     _, _, world_size = world_info()
     checked = check_user_inputs(config, world_size)
+    loads = check_checkpoint_fits(config, checked)
     mesh = " x ".join(f"{name} {size}" for name, size in checked.parallel_dims.mesh_shape()) or "none"
     print(f"config OK for {world_size} process{'es' if world_size > 1 else ''}: {config.model.name} "
           f"{config.model.flavor}, mesh {mesh}, grad accumulation {checked.grad_accum_steps}, "
-          f"device {checked.device.type}", flush=True)
+          f"device {checked.device.type}" + (f"; checkpoint {loads.folder.path} fits" if loads else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

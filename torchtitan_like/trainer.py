@@ -34,7 +34,7 @@ from torchtitan_like.losses import cross_entropy_loss
 from torchtitan_like.metrics import MetricsLogger
 from torchtitan_like.optim import build_lr_scheduler, build_optimizer, reapply_optimizer_config
 from torchtitan_like.preemption import Preempted, PreemptionWatcher
-from torchtitan_like.startup import check_user_inputs
+from torchtitan_like.startup import build_model_on_meta, check_user_inputs
 from torchtitan_like.profiling import maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.distributed.tensors import full_tensor
 from torchtitan_like.parallelisms.grad_clip import clip_grad_norm
@@ -70,12 +70,7 @@ class Trainer:
                                                    split="validation")
 
         # --- model: meta -> convert -> parallelize -> materialize -> seeded init
-        with torch.device("meta"):
-            model = self.spec.model_cls(self.model_args)
-        if config.float8.enable:
-            from torchtitan_like.kernels.float8 import convert_to_float8
-
-            convert_to_float8(model, config.float8, weights_sharded=self.parallel_dims.dp_shard > 1)
+        model = build_model_on_meta(config, self.spec, self.model_args, self.parallel_dims)
         # Split master weights compute in bf16 on any device (their tests run on CPU).
         on_gpu_or_split = self.device.type == "cuda" or self.split_master_weights
         self.param_dtype = _DTYPES[config.training.mixed_precision_param] if on_gpu_or_split else torch.float32

@@ -57,6 +57,12 @@ def _from_every_rank(value: Any, group=None) -> list[Any]:
     return gathered
 
 
+def saved_keys(metadata: Metadata, state: str) -> list[str]:
+    """The keys the checkpoint holds under top-level `state` (e.g. `dp_rank_0` of "dataloader")."""
+    prefix = state + "."
+    return [fqn[len(prefix):] for fqn in metadata.state_dict_metadata if fqn.startswith(prefix)]
+
+
 def fit_to_checkpoint(template: dict, metadata: Metadata, prefix: str, what: str) -> dict:
     """Size plain tensors of a load template after the checkpoint (blobs and loss histories vary in
     length) and drop entries the checkpoint lacks (e.g. the RNG state of a rank that did not exist)."""

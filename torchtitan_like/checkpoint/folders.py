@@ -190,6 +190,51 @@ def resolve_checkpoint(path: str) -> CheckpointFolder:
     return found[-1]
 
 
+@dataclass(frozen=True)
+class LoadChoice:
+    """The checkpoint a run loads at start, and whether it restores the model alone."""
+    folder: CheckpointFolder
+    model_only: bool
+
+
+def choose_checkpoint(root: str, checkpoint_config, step: int = -1, warn: bool = True) -> LoadChoice | None:
+    """What a run with checkpoint root `root` loads, or None when it starts fresh: checkpoint `step` (or
+    `checkpoint.load_step`) when set; else the newest complete full checkpoint; else the newest
+    model-only one (a seed checkpoint), which initializes the model only; else, for a run with no
+    checkpoint of its own, `checkpoint.initial_load_path` (the model alone with `initial_load_model_only`).
+    `CheckpointManager.load` loads it; the start-up checks (startup_fit.py) check it fits beforehand."""
+    requested = step if step >= 0 else checkpoint_config.load_step
+    found = complete_checkpoints(root, warn=warn)
+    full = [folder for folder in found if not folder.model_only]
+    if requested >= 0:
+        matches = [folder for folder in found if folder.step == requested]
+        if not matches:
+            available = ", ".join(str(folder.step) for folder in found) or "none"
+            raise ConfigError(f"checkpoint.load_step = {requested}: no complete checkpoint step-{requested} "
+                              f"in {root} (complete steps: {available})")
+        folder = matches[0]
+    elif full:
+        # Only a full checkpoint resumes a run. A model-only step folder in the run's own root
+        # (written as the final save by older versions) must not hide it, or the run would
+        # start over from step 0.
+        folder = full[-1]
+        for newer in (other for other in found if other.model_only and other.step > folder.step):
+            if warn:
+                warnings.warn(f"{newer.path} holds model weights only and cannot resume the run: resuming "
+                              f"from the full checkpoint {folder.path}", stacklevel=3)
+    elif found:  # only model-only ones, e.g. a seed checkpoint: they initialize the model
+        folder = found[-1]
+    elif checkpoint_config.initial_load_path:
+        folder = resolve_checkpoint(checkpoint_config.initial_load_path)
+        return LoadChoice(folder, checkpoint_config.initial_load_model_only or folder.model_only)
+    else:
+        return None
+    if folder.model_only and folder.step > 0 and warn:
+        warnings.warn(f"{folder.path} holds model weights only: training starts at step 0 from its "
+                      f"weights; optimizer, scheduler and data position start fresh", stacklevel=3)
+    return LoadChoice(folder, folder.model_only)
+
+
 def _recover_interrupted_replace(root: str) -> None:
     """A crash between the two renames of `commit` replacing a step leaves no `step-N`, only the old
     copy (`step-N.replaced.tmp`) and the new one (`step-N.tmp`, marker written): put the new one in

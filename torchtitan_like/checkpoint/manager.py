@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan_like.checkpoint import folders
 from torchtitan_like.checkpoint.fit import (check_model_shapes, check_optimizer_parameters, check_tied_weights_loaded,
                                             fit_to_checkpoint, global_model_shapes, global_names,
-                                            optimizer_parameter_names, untie_for_loading)
+                                            optimizer_parameter_names, saved_keys, untie_for_loading)
 from torchtitan_like.checkpoint.safe_storage import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchtitan_like.checkpoint.state import (DataloaderState, ModelState, OptimizerState, RNGState,
                                               check_excluded_states)
@@ -310,41 +310,11 @@ class CheckpointManager:
             # Rank 0 commits an async save after the other ranks' waits end: none may list the
             # folders before that commit, or ranks would load different checkpoints.
             _barrier(self.process_group)
-        requested = step if step >= 0 else self.config.load_step
-        found = folders.complete_checkpoints(self.root)
-        full = [folder for folder in found if not folder.model_only]
-        if requested >= 0:
-            matches = [folder for folder in found if folder.step == requested]
-            if not matches:
-                available = ", ".join(str(folder.step) for folder in found) or "none"
-                raise ConfigError(f"checkpoint.load_step = {requested}: no complete checkpoint step-{requested} "
-                                  f"in {self.root} (complete steps: {available})")
-            folder = matches[0]
-        elif full:
-            # Only a full checkpoint resumes a run. A model-only step folder in the run's own root
-            # (written as the final save by older versions) must not hide it, or the run would
-            # start over from step 0.
-            folder = full[-1]
-            for newer in (other for other in found if other.model_only and other.step > folder.step):
-                warnings.warn(f"{newer.path} holds model weights only and cannot resume the run: resuming "
-                              f"from the full checkpoint {folder.path}", stacklevel=2)
-        elif found:  # only model-only ones, e.g. a seed checkpoint: they initialize the model
-            folder = found[-1]
-        elif self.config.initial_load_path:
-            folder = folders.resolve_checkpoint(self.config.initial_load_path)
-            model_only = self.config.initial_load_model_only or folder.model_only
-            self._load_folder(folder, model_only)
-            return 0 if model_only else folder.step
-        else:
+        choice = folders.choose_checkpoint(self.root, self.config, step)
+        if choice is None:
             return 0
-        if folder.model_only:
-            if folder.step > 0:
-                warnings.warn(f"{folder.path} holds model weights only: training starts at step 0 from its "
-                              f"weights; optimizer, scheduler and data position start fresh", stacklevel=2)
-            self._load_folder(folder, model_only=True)
-            return 0
-        self._load_folder(folder, model_only=False)
-        return folder.step
+        self._load_folder(choice.folder, choice.model_only)
+        return 0 if choice.model_only else choice.folder.step
 
     def _load_folder(self, folder: folders.CheckpointFolder, model_only: bool) -> None:
         metadata = read_metadata(folder.path)
@@ -358,9 +328,8 @@ class CheckpointManager:
                 if name in ("optimizer", "lr_scheduler"):
                     state[name] = value
                 elif name == "dataloader":  # this rank's key, or another rank's when the dp degree grew
-                    saved = [fqn[len("dataloader."):] for fqn in metadata.state_dict_metadata
-                             if fqn.startswith("dataloader.")]
-                    state[name] = fit_to_checkpoint(self.dataloader.load_template(saved), metadata, name, name)
+                    template = self.dataloader.load_template(saved_keys(metadata, name))
+                    state[name] = fit_to_checkpoint(template, metadata, name, name)
                 else:
                     state[name] = fit_to_checkpoint(value, metadata, name, name)
         if "optimizer" in state:

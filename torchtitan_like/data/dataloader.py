@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -160,3 +161,19 @@ def check_loader_state(loader: Any, state: Any) -> None:
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler_state, dict) and isinstance(sampler, ShardedSampler):
         sampler.check_state_dict(sampler_state)
+
+
+def check_saved_position(job_config: Any, tokenizer: Tokenizer, state: Any) -> None:
+    """`check_loader_state` of the training loader `job_config` builds, without building it: the
+    start-up checks run it on a checkpoint's saved state before any process group exists. seq_len
+    and seed are always compared; the corpus (its sample count) where that is known without reading
+    it: the built-in corpus (tokenized once per process, as check_dataset_paths does) and a
+    prepare-data folder (memory-mapped). Other corpora are compared when the checkpoint is loaded."""
+    settings = dataset_settings(job_config, "train")
+    num_samples = None
+    if settings.dataset in ("builtin", "tokenized"):
+        num_samples = len(PackedSamples(load_tokens(settings, tokenizer), settings.seq_len))
+    # The sampler skips a setting that is None (here: an unknown sample count); rank and degree do
+    # not enter the check.
+    sampler = ShardedSampler(num_samples, 0, 1, seed=settings.seed, seq_len=settings.seq_len)
+    check_loader_state(SimpleNamespace(sampler=sampler), state)
