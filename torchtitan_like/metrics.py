@@ -87,13 +87,10 @@ class MetricsLogger:
         self.tensorboard_folder = os.path.join(dump_folder, metrics_config.save_tb_folder)
         if metrics_config.save_for_all_ranks:
             self.tensorboard_folder = os.path.join(self.tensorboard_folder, f"rank_{rank}")
-        if metrics_config.enable_tensorboard and (rank == 0 or metrics_config.save_for_all_ranks):
-            from torch.utils.tensorboard import SummaryWriter
-
-            try:
-                self.writer = SummaryWriter(self.tensorboard_folder)
-            except OSError as error:
-                self._tensorboard_failed(error)
+        # The writer (and its events file) is made at the first scalar, not here: a relaunch that the
+        # checkpoint load refuses, or a run that stops before its first log line, leaves no empty
+        # events file behind to clutter TensorBoard's run list.
+        self.tensorboard_on = metrics_config.enable_tensorboard and (rank == 0 or metrics_config.save_for_all_ranks)
         self.rank = rank
         self._reset_window(time.perf_counter())
         self.start_time = time.perf_counter()
@@ -141,7 +138,7 @@ class MetricsLogger:
                               data_time_share=100.0 * self.window_data_time / elapsed,
                               eta_seconds=seconds_per_step * (self.total_steps - step), extra=extra or {})
         logger.info(format_line(metrics, self.total_steps, color=not self.config.disable_color_printing))
-        if self.writer is not None:
+        if self.tensorboard_on:
             self._write_tensorboard(metrics)
         self._reset_window(now)
         return metrics
@@ -159,6 +156,10 @@ class MetricsLogger:
 
     def _add_scalars(self, scalars: dict, step: int) -> None:
         try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(self.tensorboard_folder)
             if not self._tensorboard_started:
                 # A run resumed from a checkpoint logs again the steps after it that the interrupted run
                 # had logged; a session start at the first step this process runs makes TensorBoard drop
@@ -188,6 +189,7 @@ class MetricsLogger:
             with contextlib.suppress(Exception):  # its writer thread died with the same error
                 self.writer.close()
         self.writer = None
+        self.tensorboard_on = False
 
     @contextlib.contextmanager
     def untimed(self):
@@ -205,7 +207,7 @@ class MetricsLogger:
 
         perplexity = math.exp(min(loss, 50.0))
         logger.info(f"validation step {step}: loss {loss:.4f}  perplexity {perplexity:.2f}")
-        if self.writer is not None:
+        if self.tensorboard_on:
             self._add_scalars({"validation_metrics/loss": loss, "validation_metrics/perplexity": perplexity}, step)
 
     def close(self) -> None:

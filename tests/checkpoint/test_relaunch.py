@@ -34,8 +34,10 @@ def test_a_relaunch_logs_what_changed_continues_or_refuses_before_writing(tmp_pa
     results = run_cli_cases({
         "changed": {"args": _overridden(run_args(dumps["changed"], steps=6, interval=2),
                                         training__local_batch_size=4, lr_scheduler__warmup_steps=3)},
-        "lowered": {"args": run_args(dumps["lowered"], steps=3, interval=2)},
-        "seq_len": {"args": _overridden(run_args(dumps["seq_len"], steps=6, interval=2), training__seq_len=64)},
+        "lowered": {"args": _overridden(run_args(dumps["lowered"], steps=3, interval=2),
+                                        metrics__enable_tensorboard="true")},
+        "seq_len": {"args": _overridden(run_args(dumps["seq_len"], steps=6, interval=2), training__seq_len=64,
+                                        metrics__enable_tensorboard="true")},
     }, case_timeout=120)
 
     changed = results["changed"]
@@ -53,6 +55,7 @@ def test_a_relaunch_logs_what_changed_continues_or_refuses_before_writing(tmp_pa
     assert "nothing to train (a lower training.steps does not roll the run back" in lowered.stdout
     assert "checkpoint.load_step" in lowered.stdout
     assert sorted(os.listdir(os.path.join(dumps["lowered"], "checkpoint"))) == ["step-2", "step-4"]
+    assert not os.path.exists(os.path.join(dumps["lowered"], "tb"))  # no empty events file for a run that ran nothing
 
     refused = results["seq_len"]
     assert refused.returncode == 2, refused.stderr[-3000:]
@@ -61,3 +64,4 @@ def test_a_relaunch_logs_what_changed_continues_or_refuses_before_writing(tmp_pa
     assert sorted(os.listdir(os.path.join(dumps["seq_len"], "checkpoint"))) == ["step-2", "step-4"]
     with open(os.path.join(dumps["seq_len"], "config.toml")) as handle:
         assert handle.read() == base_config  # the copy of the checkpointed run's, not rewritten
+    assert not os.path.exists(os.path.join(dumps["seq_len"], "tb"))
