@@ -15,6 +15,7 @@ CKPT_FOLDER (or the step folder given), takes the architecture from the training
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -286,26 +287,25 @@ def export_hf(checkpoint_path: str, output_folder: str, args, model_name: str = 
         os_error = find_os_error(error)
         if os_error is None:
             raise
-        _remove_previous_weights(output_folder)  # the weights written so far: give the space back
+        # Give the space back, and leave no config.json that would present the folder as a model.
+        _remove_previous_weights(output_folder)
+        for name in ("config.json", "generation_config.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_folder, name))
         raise storage_error(f"exporting {folder.path}", writing[-1], os_error,
-                            f"The weight files written to {output_folder} were removed") from error
+                            f"The files written to {output_folder} were removed") from error
 
 
 def _write_hf_folder(output_folder: str, hf_config: dict, token_ids: dict, hf_state: dict[str, torch.Tensor],
                      max_shard_bytes: int, writing: list[str]) -> list[str]:
-    """config.json, generation_config.json and the safetensors (shards and an index above
-    `max_shard_bytes`); appends each path to `writing` before writing it."""
+    """The safetensors (shards and an index above `max_shard_bytes`), then generation_config.json and
+    config.json; appends each path to `writing` before writing it."""
     save_file = _safetensors().torch.save_file
 
     def path(name: str) -> str:
         writing.append(os.path.join(output_folder, name))
         return writing[-1]
 
-    with open(path("config.json"), "w") as config_file:
-        json.dump(hf_config, config_file, indent=2)
-    if token_ids:
-        with open(path("generation_config.json"), "w") as generation_file:
-            json.dump(token_ids, generation_file, indent=2)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, value in hf_state.items():
@@ -316,16 +316,23 @@ def _write_hf_folder(output_folder: str, hf_config: dict, token_ids: dict, hf_st
         shards[-1][name] = value
         shard_bytes += size
     if len(shards) == 1:
+        names = ["model.safetensors"]
         save_file(shards[0], path("model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, path(name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-    total = sum(value.numel() * value.element_size() for value in hf_state.values())
-    with open(path(SAFETENSORS_INDEX), "w") as index_file:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, index_file, indent=2)
+    else:
+        names = [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))]
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            save_file(shard, path(name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+        total = sum(value.numel() * value.element_size() for value in hf_state.values())
+        with open(path(SAFETENSORS_INDEX), "w") as index_file:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, index_file, indent=2)
+    # The configs last: a folder with a config.json holds a whole model, as transformers assumes.
+    if token_ids:
+        with open(path("generation_config.json"), "w") as generation_file:
+            json.dump(token_ids, generation_file, indent=2)
+    with open(path("config.json"), "w") as config_file:
+        json.dump(hf_config, config_file, indent=2)
     return names
 
 
