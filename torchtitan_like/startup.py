@@ -104,6 +104,35 @@ class CheckedInputs(NamedTuple):
     device: torch.device
 
 
+def host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+
+
+def check_batches_fit_in_host_memory(config, host_bytes: int | None = None) -> None:
+    """ConfigError for a batch whose token ids alone (int64 inputs and labels) would not fit in this
+    machine's memory: without the check, the dataloader spends minutes gathering the samples before
+    the machine runs out of memory (a typo such as local_batch_size = 10000000)."""
+    host_bytes = host_memory_bytes() if host_bytes is None else host_bytes
+    if not host_bytes:
+        return
+    seq_len = config.training.seq_len
+    batches = [("training.local_batch_size", config.training.local_batch_size, "training.seq_len", seq_len)]
+    if config.validation.enable:
+        batches.append(("validation.local_batch_size", config.validation.local_batch_size,
+                        "validation.seq_len" if config.validation.seq_len > 0 else "training.seq_len",
+                        config.validation.seq_len if config.validation.seq_len > 0 else seq_len))
+    for batch_key, batch, seq_key, length in batches:
+        needed = 2 * 8 * batch * length
+        if needed > host_bytes:
+            raise ConfigError(f"{batch_key} = {batch} with {seq_key} = {length}: one batch's token ids (int64 inputs "
+                              f"and labels) take {needed / 2**30:,.1f} GiB, more than this machine's "
+                              f"{host_bytes / 2**30:,.1f} GiB of memory; a local batch is what one rank computes "
+                              f"per forward (global_batch_size sets the batch per optimizer step)")
+
+
 def check_user_inputs(config, world_size: int) -> CheckedInputs:
     """Every check of user input, for a run of `world_size` processes, before any process group
     exists: a mistake raises one ConfigError (exit 2) instead of failing a collective. Creates the
@@ -125,6 +154,7 @@ def check_user_inputs(config, world_size: int) -> CheckedInputs:
     parallel_dims.validate_model(model_args, config.training, config.parallelism, config.validation)
     grad_accum_steps = gradient_accumulation_steps(config.training, parallel_dims.dp)
     check_dataset_paths(config, tokenizer, parallel_dims.dp)
+    check_batches_fit_in_host_memory(config)
     device = resolve_device(config.training.device)
     model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, device)
     model_args.sdpa_native_gqa = supports_native_gqa(model_args.sdpa_backends, device)

@@ -122,13 +122,27 @@ def test_toml_integers_too_large_for_python_are_config_errors(tmp_path, text, me
      "model.hf_assets_path = '.*/no_tokenizer': tokenizer path .* does not exist"),
     (["--model.tokenizer", "hf", "--model.tokenizer_path", "{tmp}"], 1,
      "model.tokenizer_path = '.*': no tokenizer.json in"),
+    # the dataloader gathered 10**10 samples for minutes until the machine ran out of memory
+    (["--training.local_batch_size", str(10**10)], 1,
+     r"training.local_batch_size = 10000000000 with training.seq_len = 32: one batch's token ids \(int64 inputs "
+     r"and labels\) take 4,768.4 GiB, more than this machine's [\d,.]+ GiB of memory"),
 ], ids=["peak_flops=-0.5", "selective_ac_option_over_n_layers", "validation_batch_over_builtin_split",
-        "validation_batch_over_builtin_split_dp8",
-        "seq_len_over_builtin_train_split_dp2048", "hf_assets_path_missing", "tokenizer_path_without_file"])
+        "validation_batch_over_builtin_split_dp8", "seq_len_over_builtin_train_split_dp2048",
+        "hf_assets_path_missing", "tokenizer_path_without_file", "local_batch_over_host_memory"])
 def test_values_that_failed_after_start_up_are_refused_by_the_start_up_checks(tmp_path, overrides, world_size,
                                                                                message):
     with pytest.raises(UserError, match=message):
         check(tmp_path, *[item.format(tmp=tmp_path) for item in overrides], world_size=world_size)
+
+
+def test_a_validation_batch_beyond_host_memory_names_its_own_keys(tmp_path):
+    from torchtitan_like.startup import check_batches_fit_in_host_memory
+
+    config, _ = load_config(tiny_overrides(str(tmp_path / "run")) + ["--validation.enable", "--validation.seq_len",
+                                                                      "64", "--validation.local_batch_size", "4"])
+    check_batches_fit_in_host_memory(config, host_bytes=2 * 8 * 4 * 64)  # exactly fits
+    with pytest.raises(ConfigError, match=r"^validation.local_batch_size = 4 with validation.seq_len = 64: "):
+        check_batches_fit_in_host_memory(config, host_bytes=2 * 8 * 4 * 64 - 1)
 
 
 def test_meaningful_edge_values_stay_accepted(tmp_path):
