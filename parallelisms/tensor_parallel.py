@@ -48,8 +48,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, loss_parallel_enabled: bool
     for block in model.layers.values():
         block_plan = {
             "attention_norm": SequenceParallel(),
-            # (x, rope): x is gathered over the sequence; the RoPE table is an ordinary tensor.
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            # (x, rope, mask): x is gathered over the sequence; the RoPE table and the block-causal mask
+            # (or None) are ordinary tensors, whole on every rank.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),

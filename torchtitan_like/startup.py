@@ -33,6 +33,8 @@ def resolve_model_args(config, tokenizer):
     else:
         model_args.vocab_size = config.model.vocab_size
     model_args.norm_type = config.model.norm_type
+    model_args.attn_mask_type = config.model.attn_mask_type
+    model_args.document_start_id = tokenizer.bos_id
     return spec, model_args
 
 
@@ -63,12 +65,28 @@ def resolve_sdpa_backends(choice: str, device: torch.device) -> tuple[str, ...]:
     return ()
 
 
-def supports_native_gqa(backends: tuple[str, ...], device: torch.device) -> bool:
+def check_attention_mask(config, backends: tuple[str, ...], device: torch.device) -> None:
+    """ConfigError for a block-causal mask where it cannot apply: a later pipeline stage gets hidden
+    states, not the tokens that mark the documents; flash attention on CUDA takes no mask."""
+    if config.model.attn_mask_type == "causal":
+        return
+    if config.parallelism.pipeline_parallel_degree > 1:
+        raise ConfigError("model.attn_mask_type = 'block_causal' is not supported with pipeline parallel "
+                          f"(parallelism.pipeline_parallel_degree = {config.parallelism.pipeline_parallel_degree}): "
+                          "later stages do not see the tokens that mark the documents")
+    if device.type == "cuda" and backends == ("flash",):
+        raise ConfigError("model.attn_mask_type = 'block_causal' needs an attention kernel that takes a mask; "
+                          "model.sdpa_backend = 'flash' does not on CUDA: use auto, cudnn, efficient or math")
+
+
+def supports_native_gqa(backends: tuple[str, ...], device: torch.device, masked: bool = False) -> bool:
     """Whether attention may pass `enable_gqa` instead of repeating K/V: every CPU kernel supports
     it; on CUDA cuDNN and flash do (sm80+), the memory-efficient kernel does not. On an H200 cuDNN
     ran 532 TFLOP/s with it against 513 with repeated K/V (docs/benchmarks.md); TorchTitan passes it."""
     if device.type != "cuda":
         return True
+    if masked:  # a block-causal mask rules flash out, and cuDNN may refuse it: the efficient kernel may run
+        return False
     if torch.cuda.get_device_capability(device)[0] < 8:
         return False
     return not backends or any(name in backends for name in ("cudnn", "flash"))
@@ -157,7 +175,9 @@ def check_user_inputs(config, world_size: int) -> CheckedInputs:
     check_batches_fit_in_host_memory(config)
     device = resolve_device(config.training.device)
     model_args.sdpa_backends = resolve_sdpa_backends(config.model.sdpa_backend, device)
-    model_args.sdpa_native_gqa = supports_native_gqa(model_args.sdpa_backends, device)
+    check_attention_mask(config, model_args.sdpa_backends, device)
+    model_args.sdpa_native_gqa = supports_native_gqa(model_args.sdpa_backends, device,
+                                                     masked=config.model.attn_mask_type != "causal")
     parallel_dims.validate_features(config.parallelism, config.compile, device.type,
                                     cpu_offload=config.training.enable_cpu_offload,
                                     master_weights=config.training.master_weights,

@@ -109,7 +109,8 @@ class Trainer:
         logger.info(f"model {config.model.name} {config.model.flavor}: {self.model_args.num_params():,} parameters, "
                     f"vocab {self.model_args.vocab_size}, device {self.device}, world {world_size}, "
                     f"mesh {self.parallel_dims.mesh_shape() or 'none'}, grad accumulation {self.grad_accum_steps}, "
-                    f"attention kernels {'/'.join(self.model_args.sdpa_backends) or 'PyTorch default'}"
+                    f"attention kernels {'/'.join(self.model_args.sdpa_backends) or 'PyTorch default'}, "
+                    f"{self.model_args.attn_mask_type} mask"
                     + (", split master weights (bf16 parameters + int16 remainders)" if self.split_master_weights else ""))
 
     # ------------------------------------------------------------------ construction helpers

@@ -42,6 +42,11 @@ class Llama3Args:
     # Grouped-query attention inside the kernel (`enable_gqa`), K/V not repeated to every query head:
     # set where the allowed kernels support it (the trainer decides; see `Attention.forward`).
     sdpa_native_gqa: bool = False
+    # "causal", or "block_causal": a token attends only to earlier tokens of its own document, the
+    # documents of a packed sample told apart by `document_start_id` (the tokenizer's BOS, which
+    # packing puts at the start of every document; set by the trainer).
+    attn_mask_type: str = "causal"
+    document_start_id: int = -1
 
     @property
     def head_dim(self) -> int:

@@ -87,6 +87,27 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, update: torch.Tensor) -> tupl
     return h, norm(h)
 
 
+def document_mask(tokens: torch.Tensor, document_start_id: int) -> torch.Tensor:
+    """Block-causal mask of packed samples, (batch, 1, seq, seq) boolean: query i may attend to key j
+    when j <= i and both lie in the same document. A document starts at each `document_start_id`
+    token (BOS); tokens before a sample's first BOS are the tail of a document cut by the window
+    and form their own. RoPE is relative, so each document is then computed as if it were alone."""
+    if document_start_id < 0:
+        raise ValueError("block_causal attention needs Llama3Args.document_start_id (the tokenizer's BOS id)")
+    documents = torch.cumsum(tokens == document_start_id, dim=1)
+    seq = tokens.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask's additive form (0 where attended, -inf elsewhere) in the attention's dtype.
+    SDPA makes this form from a boolean mask at every call: a new (batch, 1, seq, seq) tensor per
+    layer, which a kernel that keeps its mask for backward (the memory-efficient one) would hold
+    once per layer. Made once here, every layer gets the same tensor."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -111,7 +132,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: None for causal attention, else the additive (batch, 1, seq, seq) bias of the key
+        positions each query may attend to (`document_mask`, `attention_bias`)."""
         batch, seq, _ = x.shape
         # -1 instead of the head count: under tensor parallel each rank holds only its local heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
@@ -126,7 +149,7 @@ class Attention(nn.Module):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         with sdpa_backend_context(self.sdpa_backends):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=native_gqa)
+                                                 attn_mask=mask, is_causal=mask is None, enable_gqa=native_gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -152,8 +175,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = build_norm(args)
         self.ffn_norm = build_norm(args)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h, normed = add_and_norm(self.ffn_norm, x, self.attention(self.attention_norm(x), rope))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h, normed = add_and_norm(self.ffn_norm, x, self.attention(self.attention_norm(x), rope, mask))
         return h + self.feed_forward(normed)
 
 
@@ -187,9 +210,17 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab); a middle pipeline stage takes and
         returns hidden states (batch, seq, dim) instead."""
+        if self.args.attn_mask_type == "block_causal" and self.tok_embeddings is None:
+            # start-up refuses block_causal with pipeline parallel
+            raise ValueError("block_causal attention needs the tokens: not supported in a later pipeline stage")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        mask = None
+        if self.args.attn_mask_type == "block_causal":
+            device_type = h.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+            mask = attention_bias(document_mask(tokens, self.args.document_start_id), dtype)
         for layer in self.layers.values():
-            h = layer(h, self.rope_cache)
+            h = layer(h, self.rope_cache, mask)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -249,3 +249,72 @@ def test_sdpa_backend_resolution():
     assert resolve_sdpa_backends("math", cpu) == ("math",)
     with pytest.raises(ConfigError, match="model.sdpa_backend = 'cudnn' has no CPU kernel"):
         resolve_sdpa_backends("cudnn", cpu)
+
+
+def test_block_causal_attention_computes_each_packed_document_as_if_it_were_alone():
+    """Two documents packed into one sample (BOS = 1 starts each): under block_causal the second
+    document's logits equal those of the document run alone (RoPE is relative, so its offset in
+    the sample does not matter); under causal they do not (it attends to the first document)."""
+    first = torch.tensor([1, *range(10, 21)])  # BOS + 11 tokens
+    second = torch.tensor([1, *range(30, 42)])  # BOS + 12 tokens
+    tail = torch.tensor([50, 51, 52])  # the end of a document cut by the window, before the first BOS
+    packed = torch.cat([tail, first, second])[None]
+    block_causal = build(tiny_args(attn_mask_type="block_causal", document_start_id=1), seed=3)
+    causal = build(tiny_args(), seed=3)
+    with torch.no_grad():
+        packed_logits = block_causal(packed)
+        alone = [block_causal(document[None]) for document in (tail, first, second)]
+        causal_logits = causal(packed)
+    start = 0
+    for document, logits in zip((tail, first, second), alone):
+        end = start + len(document)
+        torch.testing.assert_close(packed_logits[:, start:end], logits, rtol=1e-5, atol=1e-5)
+        start = end
+    assert not torch.allclose(causal_logits[:, len(tail):], packed_logits[:, len(tail):], atol=1e-3)
+    torch.testing.assert_close(causal_logits[:, :len(tail)], packed_logits[:, :len(tail)])  # nothing before it
+
+
+def test_block_causal_gradients_do_not_cross_documents():
+    model = build(tiny_args(attn_mask_type="block_causal", document_start_id=1))
+    tokens = torch.tensor([[1, 5, 6, 7, 1, 8, 9, 10]])
+    embedded = model.tok_embeddings(tokens).detach().requires_grad_()
+    from torchtitan_like.models.llama3.model import attention_bias, document_mask
+
+    mask = attention_bias(document_mask(tokens, 1), torch.float32)
+    h = embedded  # the blocks run on embeddings that are leaves, to read their gradient per position
+    for layer in model.layers.values():
+        h = layer(h, model.rope_cache, mask)
+    model.output(model.norm(h))[0, 4:].sum().backward()  # the second document's logits only
+    assert torch.count_nonzero(embedded.grad[0, :4]) == 0
+    assert torch.count_nonzero(embedded.grad[0, 4:]) > 0
+
+
+def test_block_causal_mask_takes_the_autocast_dtype_of_the_attention():
+    """Under autocast q/k/v are bf16 while the embedding output is fp32: the additive mask is made in
+    bf16 too, so no layer converts it (one copy per layer) before its attention kernel."""
+    model = build(tiny_args(attn_mask_type="block_causal", document_start_id=1))
+    tokens = torch.tensor([[1, 5, 6, 7, 1, 8, 9, 10]])
+    seen = []
+    model.layers["0"].attention.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[2].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    assert seen == [torch.bfloat16] and torch.isfinite(logits).all()
+    with torch.no_grad():
+        model(tokens)
+    assert seen[-1] == torch.float32
+
+
+def test_block_causal_is_refused_where_it_cannot_apply():
+    from torchtitan_like.config import load_config
+    from torchtitan_like.errors import ConfigError
+    from torchtitan_like.startup import check_attention_mask, supports_native_gqa
+
+    config, _ = load_config(["--model.attn_mask_type", "block_causal", "--parallelism.pipeline_parallel_degree", "2"])
+    with pytest.raises(ConfigError, match="'block_causal' is not supported with pipeline parallel"):
+        check_attention_mask(config, (), torch.device("cpu"))
+    config, _ = load_config(["--model.attn_mask_type", "block_causal"])
+    check_attention_mask(config, ("flash",), torch.device("cpu"))  # the CPU flash kernel takes a mask
+    with pytest.raises(ConfigError, match="model.sdpa_backend = 'flash' does not on CUDA"):
+        check_attention_mask(config, ("flash",), torch.device("cuda"))
+    # the memory-efficient kernel, which takes a mask on CUDA, has no native GQA: K/V are repeated
+    assert not supports_native_gqa((), torch.device("cuda"), masked=True)

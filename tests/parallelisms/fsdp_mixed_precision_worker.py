@@ -50,7 +50,7 @@ def main() -> None:
     materialize(sharded)
     seen = []
     sharded.layers["0"].attention.register_forward_pre_hook(
-        lambda module, inputs: seen.append([str(tensor.dtype) for tensor in inputs]))
+        lambda module, inputs: seen.append([str(tensor.dtype) for tensor in inputs if tensor is not None]))
     with torch.no_grad():
         logits = sharded(tokens)
 

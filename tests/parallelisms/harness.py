@@ -46,6 +46,10 @@ PP2 = ("--parallelism.pipeline_parallel_degree", "2")
 FLOAT8 = ("--float8.enable", "true", "--float8.emulate", "true")
 # graph capture and AOT autograd without the slow C++ code generation of Inductor on CPU
 COMPILE_AOT_EAGER = ("--compile.enable", "true", "--compile.backend", "aot_eager")
+# Packed samples of many short documents (the built-in corpus's are longer than a 32-token sample):
+# a block-causal mask with several documents in every sample. `{out_dir}`: the launch's folder.
+SHORT_DOCUMENTS = ("--training.dataset", "local", "--training.dataset_path", "{out_dir}/short_documents.jsonl")
+BLOCK_CAUSAL = ("--model.attn_mask_type", "block_causal", *SHORT_DOCUMENTS)
 PLANS: dict[str, Plan] = {
     # single-process references, then one-process plans compared against them
     "reference_batch4": Plan(1, 4, validate=True),
@@ -58,6 +62,8 @@ PLANS: dict[str, Plan] = {
     # the LM head tied to the embedding (as the 1B and 3B flavors): one Parameter, whatever the plan
     "reference_batch8_tied": Plan(1, 8, ("--model.flavor", "debugmodel_tied"), local_batch_size=8),
     "grad_accumulation_2": Plan(1, 8, ("--training.global_batch_size", "8")),
+    "reference_batch4_short_documents": Plan(1, 4, SHORT_DOCUMENTS),
+    "reference_batch4_block_causal": Plan(1, 4, BLOCK_CAUSAL),
     "ac_full": Plan(1, 4, ("--activation_checkpoint.mode", "full")),
     "ac_selective_every_2nd_layer": Plan(1, 4, ("--activation_checkpoint.mode", "selective",
                                                 "--activation_checkpoint.selective_ac_option", "2")),
@@ -92,6 +98,11 @@ PLANS: dict[str, Plan] = {
     "tp2_compile_full_ac_math_attention": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *COMPILE_AOT_EAGER,
                                                       "--activation_checkpoint.mode", "full",
                                                       "--model.sdpa_backend", "math")),
+    # the mask, made from the whole sample's tokens on every rank, through TP, compiled blocks and per-op AC
+    "tp2_block_causal_compile_selective_op_ac": Plan(2, 4, ("--parallelism.tensor_parallel_degree", "2", *BLOCK_CAUSAL,
+                                                            *COMPILE_AOT_EAGER, "--activation_checkpoint.mode",
+                                                            "selective", "--activation_checkpoint.selective_ac_option",
+                                                            "op"), reference="reference_batch4_block_causal"),
     "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),
     "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B"), validate=True),
     # 2 virtual stages per rank: 4 stages of 1 layer
@@ -159,12 +170,26 @@ def plan_overrides(plan: Plan) -> list[str]:
             "--optimizer.eps", "1e-6", *VALIDATION * plan.validate, *plan.overrides]
 
 
+def write_short_documents(path: str, count: int = 400) -> None:
+    """`count` JSON-lines documents of 3 to 24 bytes, the same in every launch."""
+    import random
+
+    words = ["the", "model", "learns", "a", "short", "text", "of", "tokens", "and", "stops", "here", "now"]
+    chooser = random.Random(0)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            text = " ".join(chooser.choice(words) for _ in range(chooser.randint(1, 4)))
+            handle.write(json.dumps({"text": text}) + "\n")
+
+
 def launch_world(out_dir: str, nproc: int, plan_names: list[str]) -> None:
     """Run the named plans on `nproc` gloo ranks in one launch; a hang or crash fails the caller."""
     os.makedirs(out_dir, exist_ok=True)
+    write_short_documents(os.path.join(out_dir, "short_documents.jsonl"))
     spec_path = os.path.join(out_dir, "spec.json")
+    plans = {name: [item.replace("{out_dir}", out_dir) for item in plan_overrides(PLANS[name])] for name in plan_names}
     with open(spec_path, "w") as handle:
-        json.dump({"out_dir": out_dir, "plans": {name: plan_overrides(PLANS[name]) for name in plan_names}}, handle)
+        json.dump({"out_dir": out_dir, "plans": plans}, handle)
     launch([WORKER, spec_path], nproc, LAUNCH_TIMEOUT_SECONDS, fork=True)
 
 

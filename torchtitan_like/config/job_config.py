@@ -46,6 +46,9 @@ class Model:
     sdpa_backend: str = option("auto", "Attention kernel for scaled_dot_product_attention, the only one allowed; "
                                        "auto: cudnn first on H100/H200 (sm90), else PyTorch's choice.",
                                choices=("auto", "flash", "cudnn", "efficient", "math"))
+    attn_mask_type: str = option("causal", "Attention mask: causal over the whole packed sample, or block_causal: "
+                                           "each token attends only within its own document (split at BOS), "
+                                           "as Llama 3 was trained.", choices=("causal", "block_causal"))
     converters: list = option([], "Model converters applied after construction, e.g. [\"float8\"].")
     print_after_conversion: bool = option(False, "Print the model after converters are applied.")
 
