@@ -106,6 +106,11 @@ def _run_schedule(run, pipeline: Pipeline, inputs: torch.Tensor, labels: torch.T
     # next step and concatenates them into a whole-batch copy that we would discard: only the losses
     # are needed. Older torch has no return_outputs (and keeps them).
     options = {"return_outputs": False} if pipeline.returns_outputs_optionally else {}
+    if any(getattr(getattr(part, "args", None), "attn_mask_type", "causal") == "block_causal"
+           for part in pipeline.model_parts):
+        # Every stage builds the block-causal mask from its microbatch's tokens: keyword arguments
+        # of step() reach every stage, split into microbatches like the inputs.
+        options["document_tokens"] = inputs
     if pipeline.has_first_stage:
         run(inputs, target=target, losses=losses, **options)
     else:

@@ -66,14 +66,9 @@ def resolve_sdpa_backends(choice: str, device: torch.device) -> tuple[str, ...]:
 
 
 def check_attention_mask(config, backends: tuple[str, ...], device: torch.device) -> None:
-    """ConfigError for a block-causal mask where it cannot apply: a later pipeline stage gets hidden
-    states, not the tokens that mark the documents; flash attention on CUDA takes no mask."""
+    """ConfigError for a block-causal mask where it cannot apply: flash attention on CUDA takes no mask."""
     if config.model.attn_mask_type == "causal":
         return
-    if config.parallelism.pipeline_parallel_degree > 1:
-        raise ConfigError("model.attn_mask_type = 'block_causal' is not supported with pipeline parallel "
-                          f"(parallelism.pipeline_parallel_degree = {config.parallelism.pipeline_parallel_degree}): "
-                          "later stages do not see the tokens that mark the documents")
     if device.type == "cuda" and backends == ("flash",):
         raise ConfigError("model.attn_mask_type = 'block_causal' needs an attention kernel that takes a mask; "
                           "model.sdpa_backend = 'flash' does not on CUDA: use auto, cudnn, efficient or math")

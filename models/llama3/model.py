@@ -207,18 +207,20 @@ class Transformer(nn.Module):
         self.tie_weights()
         return self
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab); a middle pipeline stage takes and
-        returns hidden states (batch, seq, dim) instead."""
-        if self.args.attn_mask_type == "block_causal" and self.tok_embeddings is None:
-            # start-up refuses block_causal with pipeline parallel
-            raise ValueError("block_causal attention needs the tokens: not supported in a later pipeline stage")
+    def forward(self, tokens: torch.Tensor, document_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab); a later pipeline stage takes hidden
+        states (batch, seq, dim) instead, and for a block-causal mask the microbatch's tokens as
+        `document_tokens` (parallelisms/pipeline.py passes them to every stage)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         mask = None
         if self.args.attn_mask_type == "block_causal":
+            if document_tokens is None:
+                if self.tok_embeddings is None:
+                    raise ValueError("block_causal attention in a later pipeline stage needs document_tokens")
+                document_tokens = tokens
             device_type = h.device.type
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-            mask = attention_bias(document_mask(tokens, self.args.document_start_id), dtype)
+            mask = attention_bias(document_mask(document_tokens, self.args.document_start_id), dtype)
         for layer in self.layers.values():
             h = layer(h, self.rope_cache, mask)
         h = self.norm(h) if self.norm is not None else h

@@ -304,14 +304,11 @@ def test_block_causal_mask_takes_the_autocast_dtype_of_the_attention():
     assert seen[-1] == torch.float32
 
 
-def test_block_causal_is_refused_where_it_cannot_apply():
+def test_block_causal_is_refused_where_its_kernel_takes_no_mask():
     from torchtitan_like.config import load_config
     from torchtitan_like.errors import ConfigError
     from torchtitan_like.startup import check_attention_mask, supports_native_gqa
 
-    config, _ = load_config(["--model.attn_mask_type", "block_causal", "--parallelism.pipeline_parallel_degree", "2"])
-    with pytest.raises(ConfigError, match="'block_causal' is not supported with pipeline parallel"):
-        check_attention_mask(config, (), torch.device("cpu"))
     config, _ = load_config(["--model.attn_mask_type", "block_causal"])
     check_attention_mask(config, ("flash",), torch.device("cpu"))  # the CPU flash kernel takes a mask
     with pytest.raises(ConfigError, match="model.sdpa_backend = 'flash' does not on CUDA"):

@@ -48,7 +48,8 @@ FLOAT8 = ("--float8.enable", "true", "--float8.emulate", "true")
 COMPILE_AOT_EAGER = ("--compile.enable", "true", "--compile.backend", "aot_eager")
 # Packed samples of many short documents (the built-in corpus's are longer than a 32-token sample):
 # a block-causal mask with several documents in every sample. `{out_dir}`: the launch's folder.
-SHORT_DOCUMENTS = ("--training.dataset", "local", "--training.dataset_path", "{out_dir}/short_documents.jsonl")
+SHORT_DOCUMENTS = ("--training.dataset", "local", "--training.dataset_path", "{out_dir}/short_documents.jsonl",
+                   "--validation.dataset", "local", "--validation.dataset_path", "{out_dir}/short_documents.jsonl")
 BLOCK_CAUSAL = ("--model.attn_mask_type", "block_causal", *SHORT_DOCUMENTS)
 PLANS: dict[str, Plan] = {
     # single-process references, then one-process plans compared against them
@@ -63,7 +64,7 @@ PLANS: dict[str, Plan] = {
     "reference_batch8_tied": Plan(1, 8, ("--model.flavor", "debugmodel_tied"), local_batch_size=8),
     "grad_accumulation_2": Plan(1, 8, ("--training.global_batch_size", "8")),
     "reference_batch4_short_documents": Plan(1, 4, SHORT_DOCUMENTS),
-    "reference_batch4_block_causal": Plan(1, 4, BLOCK_CAUSAL),
+    "reference_batch4_block_causal": Plan(1, 4, BLOCK_CAUSAL, validate=True),
     "ac_full": Plan(1, 4, ("--activation_checkpoint.mode", "full")),
     "ac_selective_every_2nd_layer": Plan(1, 4, ("--activation_checkpoint.mode", "selective",
                                                 "--activation_checkpoint.selective_ac_option", "2")),
@@ -103,6 +104,14 @@ PLANS: dict[str, Plan] = {
                                                             *COMPILE_AOT_EAGER, "--activation_checkpoint.mode",
                                                             "selective", "--activation_checkpoint.selective_ac_option",
                                                             "op"), reference="reference_batch4_block_causal"),
+    # every stage builds the mask from its microbatch's tokens, on 4 stages of 1 layer
+    "pp2_interleaved_1f1b_block_causal": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule",
+                                                     "Interleaved1F1B", *BLOCK_CAUSAL),
+                                              reference="reference_batch4_block_causal", validate=True),
+    # ... and the split backward (input, then weight gradients) of a zero-bubble schedule
+    "pp2_interleaved_zero_bubble_block_causal": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule",
+                                                            "InterleavedZeroBubble", *BLOCK_CAUSAL),
+                                                     reference="reference_batch4_block_causal"),
     "pp2_gpipe": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "GPipe")),
     "pp2_1f1b": Plan(2, 4, (*PP2, "--parallelism.pipeline_parallel_schedule", "1F1B"), validate=True),
     # 2 virtual stages per rank: 4 stages of 1 layer

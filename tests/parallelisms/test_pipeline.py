@@ -16,6 +16,17 @@ def test_pp2_schedule_matches_single_process(assert_plan_matches_reference, plan
     assert_plan_matches_reference(plan)
 
 
+@pytest.mark.parametrize("plan", ["pp2_interleaved_1f1b_block_causal", "pp2_interleaved_zero_bubble_block_causal"])
+def test_pp2_with_block_causal_attention_matches_single_process(assert_plan_matches_reference, plan):
+    # every stage builds the documents' mask from its microbatch's tokens (a keyword of step())
+    assert_plan_matches_reference(plan)
+
+
+def test_evaluation_under_pp_with_block_causal_attention_matches_single_process(assert_plan_validates_like_reference):
+    # ... and of eval(), with microbatches of another shape than training's
+    assert_plan_validates_like_reference("pp2_interleaved_1f1b_block_causal")
+
+
 def test_pp2_with_split_point_and_gradient_accumulation_matches_single_process(assert_plan_matches_reference):
     assert_plan_matches_reference("pp2_split_point_grad_accumulation")
 
