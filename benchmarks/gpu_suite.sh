@@ -7,7 +7,7 @@
 # Knobs: SUITE_SKIP (names: train_bf16 train_fp8 train_bf16_split train_fp8_split
 # train_fp8_split_output_fp8 train_bf16_fused_adamw train_fp8_output_fp8 optimizer train_bf16_flash
 # float8 rmsnorm check_fp8_fsdp attention train_fp8_recast_weight train_fp8_triton_norm
-# train_bf16_triton_norm),
+# train_bf16_triton_norm train_bf16_block_causal),
 # SUITE_ONLY (the same names: run only these, in the suite's order),
 # SUITE_CONFIG (the training config; default train_configs/llama3_8b_8layers_bench.toml; a dry run
 # on CPU: SUITE_CONFIG=train_configs/debug_model.toml, the GPU-only benchmarks exit at once),
@@ -137,5 +137,8 @@ section train_fp8_triton_norm 130 "${BENCH[@]}" --label "float8 tensorwise trito
   --float8.recipe_name tensorwise "${ATTENTION[@]}"
 section train_bf16_triton_norm 130 "${BENCH[@]}" --label "bf16 triton-rmsnorm (fused residual add)" \
   --json "$LOGS/train_bf16_triton_norm.json" --model.norm_type triton_rmsnorm
+# the cost of per-document attention (docs/training.md): a mask rules flash out, cuDNN or efficient run
+section train_bf16_block_causal 130 "${BENCH[@]}" --label "bf16 block-causal attention" \
+  --json "$LOGS/train_bf16_block_causal.json" --model.attn_mask_type block_causal
 
 finish
