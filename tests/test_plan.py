@@ -170,7 +170,7 @@ def test_split_master_weights_on_several_gpus_exits_2(capsys):
     assert "master_weights = 'split' is for one process" in output
 
 
-def _estimate(layout_overrides=None, **config_overrides):
+def _estimate(layout_overrides=None, attn_mask_type="causal", **config_overrides):
     from dataclasses import replace
 
     from torchtitan_like.config.job_config import ActivationCheckpoint, Parallelism, Training
@@ -183,7 +183,8 @@ def _estimate(layout_overrides=None, **config_overrides):
     layout = replace(layout, **(layout_overrides or {}))
     training = Training(seq_len=1024, local_batch_size=4, **config_overrides.pop("training", {}))
     parallelism = Parallelism(**config_overrides.pop("parallelism", {}))
-    return estimate_memory(shape, layout, training, parallelism, ActivationCheckpoint(mode="none")).components
+    return estimate_memory(shape, layout, training, parallelism, ActivationCheckpoint(mode="none"),
+                           attn_mask_type).components
 
 
 def _component(components, prefix):
@@ -205,6 +206,15 @@ def test_fp32_compute_doubles_activations_and_drops_the_logits_upcast():
     head_input = 4 * 4096 / tp * tokens  # the final norm's input, in bf16
     assert _component(bf16, "output logits") == head_input + (2 + 4 + 4) * vocab / tp * tokens
     assert _component(fp32, "output logits") == 2 * head_input + (4 + 4) * vocab / tp * tokens
+
+
+def test_a_block_causal_mask_adds_one_seq_by_seq_mask_per_microbatch_in_flight():
+    causal, block_causal = _estimate(), _estimate(attn_mask_type="block_causal")
+    assert not any(name.startswith("block-causal") for name in causal)
+    assert _component(block_causal, "block-causal attention mask") == 4 * 1024 * 1024 * 2  # batch x seq^2, bf16
+    pipelined = _estimate({"pp": 2}, attn_mask_type="block_causal",
+                          parallelism={"pipeline_parallel_microbatch_size": 1})
+    assert _component(pipelined, "block-causal attention mask") == 2 * 1 * 1024 * 1024 * 2  # 1F1B: 2 in flight
 
 
 def test_without_loss_parallel_every_tp_rank_holds_the_whole_logits():

@@ -200,7 +200,8 @@ def plan(argv: list[str]) -> int:
             dist.destroy_process_group()
     shape = BlockShape(dim=model_args.dim, kv_dim=model_args.kv_heads * model_args.head_dim,
                        ffn_hidden_dim=model_args.ffn_hidden_dim, vocab_size=model_args.vocab_size)
-    estimate = estimate_memory(shape, layout, config.training, config.parallelism, config.activation_checkpoint)
+    estimate = estimate_memory(shape, layout, config.training, config.parallelism, config.activation_checkpoint,
+                               config.model.attn_mask_type)
     fits = report(options, config, parallel_dims, model_args, parts, layout, estimate)
     return 0 if fits else DOES_NOT_FIT_EXIT_CODE
 

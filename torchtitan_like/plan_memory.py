@@ -45,6 +45,8 @@ the peak of one training step and is the sum of:
    logits (2V in bf16), their fp32 upcast (4V) and the fp32 log-softmax (4V) at once: 10V (8V in
    fp32, which needs no upcast; about 11V measured on CPU, the rest allocator transients). Split by
    tp under loss parallel; whole on every TP rank with `disable_loss_parallel`.
+   With `model.attn_mask_type = "block_causal"` each microbatch also holds one additive
+   (batch, 1, seq, seq) mask in the compute dtype, shared by its layers (models/llama3/model.py).
 4. **Pipeline in-flight microbatches**: a rank holds the activations of several microbatches, in
    units of all of its v stages' blocks. 1F1B holds up to pp, and so do both zero-bubble schedules
    (InterleavedZeroBubble, ZBVZeroBubble: warm-up of v * pp - 1 stage-microbatches, then one
@@ -168,7 +170,8 @@ def activation_bytes(shape: BlockShape, layout: RankLayout, ac_mode: str, select
     return blocks, head
 
 
-def estimate_memory(shape: BlockShape, layout: RankLayout, training, parallelism, ac_config) -> MemoryEstimate:
+def estimate_memory(shape: BlockShape, layout: RankLayout, training, parallelism, ac_config,
+                    attn_mask_type: str = "causal") -> MemoryEstimate:
     """The per-rank peak estimate (module docstring) for one training step."""
     estimate = MemoryEstimate()
     states = {"parameters (fp32 master)": FP32_BYTES, "gradients (fp32)": FP32_BYTES,
@@ -209,6 +212,9 @@ def estimate_memory(shape: BlockShape, layout: RankLayout, training, parallelism
                                     loss_parallel=not parallelism.disable_loss_parallel)
     mode = ac_config.mode + (f" {ac_config.selective_ac_option}" if ac_config.mode == "selective" else "")
     estimate.components[f"activations (AC {mode}, {in_flight:g} microbatch(es) in flight)"] = blocks
+    if attn_mask_type == "block_causal":  # one additive (batch, 1, seq, seq) mask per microbatch, every layer's
+        estimate.components["block-causal attention mask (one per microbatch in flight)"] = (
+            in_flight * microbatch * training.seq_len**2 * DTYPE_BYTES[training.mixed_precision_param])
     if layout.has_output:
         estimate.components["output logits + loss (fp32 upcast, log-softmax)"] = head
     estimate.components["runtime overhead (CUDA context, NCCL, fragmentation)"] = RUNTIME_OVERHEAD_GIB * GIB
