@@ -180,7 +180,7 @@ def plan_overrides(plan: Plan) -> list[str]:
 
 
 def write_short_documents(path: str, count: int = 400) -> None:
-    """`count` JSON-lines documents of 3 to 24 bytes, the same in every launch."""
+    """`count` JSON-lines documents of 1 to 4 short words (1 to 27 bytes), the same in every launch."""
     import random
 
     words = ["the", "model", "learns", "a", "short", "text", "of", "tokens", "and", "stops", "here", "now"]
